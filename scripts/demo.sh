@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: builds a tiny model locally (once, deterministically) and
+# runs VisionZip / VisPruner on it. Sets up .venv first if needed. Extra arguments go to llava.demo.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+bash "$ROOT/scripts/setup_env.sh"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-offline}" TOKENIZERS_PARALLELISM=false
+cd "$ROOT"
+exec "$VENV/bin/python" -m llava.demo "$@"

@@ -1,0 +1,46 @@
+"""VisionZip and VisPruner: visual-token compression for vision-language models, model-agnostic.
+
+Public API
+----------
+- ``zip_vision_tokens(vision_model, pixel_values, dominant, contextual, select_layer=-2)``
+- ``vispruner_select(vision_model, pixel_values, num_tokens, important_ratio=0.5, select_layer=-2)``
+- ``visionzip(model, dominant=54, contextual=10)`` / ``vispruner(model, tokens=64)``: the one-liners
+- ``CompressionConfig``: the settings a model persists in its ``config.json``
+- ``compress`` / ``compress_capture`` / ``check_budget`` and ``encoder_adapter``: for model code
+"""
+from .anyres import official_anyres_layout
+from .apply import apply_compression, vispruner, visionzip
+from .compress import check_budget, compress, compress_capture
+from .config import VISIONZIP_BUDGETS, VISIONZIP_NEXT_BUDGETS, CompressionConfig
+from .encoders import EncoderCapture, VisionEncoderAdapter, encoder_adapter
+from .methods import CompressedTokens, get_method, registered_methods
+from .methods.vispruner import VisPrunerOutput, vispruner_keep_indices, vispruner_select
+from .methods.visionzip import VisionZipOutput, merge_contextual, select_dominant, zip_vision_tokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VISIONZIP_BUDGETS",
+    "VISIONZIP_NEXT_BUDGETS",
+    "CompressedTokens",
+    "CompressionConfig",
+    "EncoderCapture",
+    "VisPrunerOutput",
+    "VisionEncoderAdapter",
+    "VisionZipOutput",
+    "apply_compression",
+    "check_budget",
+    "compress",
+    "compress_capture",
+    "encoder_adapter",
+    "get_method",
+    "merge_contextual",
+    "official_anyres_layout",
+    "registered_methods",
+    "select_dominant",
+    "vispruner",
+    "vispruner_keep_indices",
+    "vispruner_select",
+    "visionzip",
+    "zip_vision_tokens",
+]

@@ -1,0 +1,222 @@
+"""Thin adapters over Hugging Face vision encoders (CLIP, SigLIP).
+
+An adapter knows three things about an encoder: where its transformer layers are, whether its sequence
+starts with a CLS token, and how the attention of one layer projects queries and keys. With that, the
+scoring layer's attention is recomputed from its q and k for the rows that are needed, while the tower
+itself keeps running with its fast attention (SDPA / FlashAttention). We never ask the tower for
+``output_attentions`` (that forces eager attention in all layers and keeps every attention map).
+
+Capture is done with hooks on the one layer that is scored, removed before ``run`` returns.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class _StopEncoder(Exception):
+    """Raised by the capture hook to skip the layers after the one we need."""
+
+
+@dataclass
+class EncoderCapture:
+    """What one encoder pass hands to the compression methods.
+
+    hidden: (B, N, C) output of the selected layer (LLaVA's ``hidden_states[select_layer]``).
+    attn_input: (B, N, C) the selected layer's attention input (after its pre-attention norm), or None.
+    layer_index: 0-based index of the selected layer.
+    """
+
+    hidden: torch.Tensor
+    attn_input: torch.Tensor | None
+    layer_index: int
+
+
+class VisionEncoderAdapter:
+    """Structural view of an HF vision transformer: ``embeddings``, ``encoder.layers[i].self_attn``
+    with ``q_proj`` / ``k_proj`` / ``num_heads`` / ``head_dim`` / ``scale``."""
+
+    has_cls: bool = True
+    family: str = "vit"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        # transformers 4.x nests the transformer under `.vision_model`; 5.x puts it at the top.
+        self.core = getattr(model, "vision_model", model)
+        self.layers = self.core.encoder.layers
+        self.config = model.config
+
+    # ----- geometry -------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.config.patch_size)
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches_per_side**2
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the encoder sequence: patches, plus the CLS token where there is one."""
+        return self.num_patches + int(self.has_cls)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def layer_index(self, select_layer: int) -> int:
+        """Map LLaVA's ``select_layer`` (an index into ``hidden_states``, whose entry 0 is the
+        embeddings) to the 0-based transformer layer whose output it is."""
+        n = self.num_layers
+        if isinstance(select_layer, bool) or not isinstance(select_layer, int):
+            raise ValueError(f"select_layer must be an integer, got {select_layer!r}")
+        if not (-n <= select_layer <= -1 or 1 <= select_layer <= n):
+            raise ValueError(
+                f"select_layer={select_layer} is out of range for an encoder with {n} layers: "
+                f"use -{n}..-1 or 1..{n} (0 would be the embeddings, which have no attention to score)"
+            )
+        return select_layer + n if select_layer < 0 else select_layer - 1
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        channels = int(getattr(self.config, "num_channels", 3))
+        expected = (channels, self.image_size, self.image_size)
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must have rank 4 (B, {channels}, {self.image_size}, {self.image_size}); "
+                f"got rank {pixel_values.dim()} with shape {tuple(pixel_values.shape)}"
+            )
+        if tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)} but this encoder takes "
+                f"(B, {channels}, {self.image_size}, {self.image_size})"
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values holds an empty batch (B = 0)")
+
+    # ----- running --------------------------------------------------------------------------
+    def run(
+        self,
+        pixel_values: torch.Tensor,
+        select_layer: int = -2,
+        capture_attn_input: bool = True,
+        early_exit: bool = True,
+    ) -> EncoderCapture:
+        """Run the tower up to (and including) the selected layer and capture its output and,
+        optionally, its attention input.
+
+        ``early_exit`` skips the layers after the selected one (LLaVA never uses them); turn it off when
+        something else must see a complete forward (e.g. DeepSpeed ZeRO-3 parameter hooks).
+        """
+        self.check_pixels(pixel_values)
+        index = self.layer_index(select_layer)
+        layer = self.layers[index]
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab_attn_input(module, args, kwargs):
+            captured["attn_input"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        def grab_output(module, args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output
+            if early_exit:
+                raise _StopEncoder
+
+        handles = [layer.register_forward_hook(grab_output)]
+        if capture_attn_input:
+            handles.append(layer.self_attn.register_forward_pre_hook(grab_attn_input, with_kwargs=True))
+        try:
+            dtype = next(self.model.parameters()).dtype
+            self.model(pixel_values.to(dtype=dtype))
+        except _StopEncoder:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return EncoderCapture(captured["hidden"], captured.get("attn_input"), index)
+
+    def queries_keys(
+        self, layer_index: int, attn_input: torch.Tensor, query_rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Recompute the selected layer's queries (only ``query_rows``) and keys.
+
+        attn_input: (B, N, C). Returns q (B, H, Nq, d), k (B, H, N, d) and the softmax scale.
+        Keys are the ``k_proj`` output with its bias, before any scaling (the VisionZip metric).
+        """
+        attn = self.layers[layer_index].self_attn
+        bsz, n, _ = attn_input.shape
+        heads, head_dim = attn.num_heads, attn.head_dim
+        # Project all rows, then slice: a one-row projection takes another BLAS kernel whose rounding
+        # differs in the last bit, and VisPruner's chain of argsorts is sensitive to that. The full
+        # projection costs ~0.3% of a ViT-L tower; the expensive part (the N x N map) is still avoided.
+        q = attn.q_proj(attn_input).view(bsz, n, heads, head_dim).transpose(1, 2)
+        if query_rows is not None:
+            q = q[:, :, query_rows]
+        k = attn.k_proj(attn_input).view(bsz, n, heads, head_dim).transpose(1, 2)
+        return q, k, float(attn.scale)
+
+
+class CLIPEncoderAdapter(VisionEncoderAdapter):
+    has_cls = True
+    family = "clip"
+
+
+class SiglipEncoderAdapter(VisionEncoderAdapter):
+    """SigLIP has no CLS token: every token is a patch (paper appendix A.2 scores by received attention)."""
+
+    has_cls = False
+    family = "siglip"
+
+
+@contextmanager
+def attention_implementation(model: nn.Module, implementation: str | None):
+    """Run ``model`` with another attention implementation ("eager", "sdpa", ...) for the duration of
+    the block, then restore its own. ``None`` keeps the model's own."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if implementation is None or implementation == current:
+        yield model
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(current)
+
+
+def _encoder_classes():
+    from transformers import (
+        CLIPVisionModel,
+        CLIPVisionModelWithProjection,
+        SiglipVisionModel,
+    )
+
+    return [
+        ((CLIPVisionModel, CLIPVisionModelWithProjection), CLIPEncoderAdapter),
+        ((SiglipVisionModel,), SiglipEncoderAdapter),
+    ]
+
+
+def encoder_adapter(vision_model) -> VisionEncoderAdapter:
+    """The adapter for a HF vision model (or an adapter, returned as is)."""
+    if isinstance(vision_model, VisionEncoderAdapter):
+        return vision_model
+    for classes, adapter in _encoder_classes():
+        if isinstance(vision_model, classes):
+            return adapter(vision_model)
+    supported = ", ".join(c.__name__ for classes, _ in _encoder_classes() for c in classes)
+    raise ValueError(f"no VisionZip adapter for {type(vision_model).__name__}; supported encoders: {supported}")
