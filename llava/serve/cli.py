@@ -1,0 +1,85 @@
+"""Chat about an image in the terminal, turn after turn, with the image kept in the KV cache.
+
+    python -m llava.serve.cli --model-path P --image-file F [--visionzip 54,10] [--vispruner 64]
+        [--conv-mode vicuna_v1] [--device cpu] [--temperature 0.2] [--max-new-tokens 512]
+
+Type a message after the user prompt; an empty line or end of input (Ctrl-D) ends the chat.
+``--debug`` prints, after each reply, how many tokens the turn read into the cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from llava.eval.run_llava import compression_from_args
+from llava.mm_utils import load_image
+from llava.model.builder import load_pretrained_model
+from llava.serve.chat import ChatSession
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--model-base", default=None)
+    parser.add_argument("--image-file", required=True)
+    parser.add_argument("--conv-mode", default="vicuna_v1")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
+    parser.add_argument("--debug", action="store_true")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--visionzip", metavar="D,C")
+    group.add_argument("--vispruner", metavar="T[,R]")
+    group.add_argument("--no-compression", action="store_true")
+    parser.add_argument("--anyres-layout", choices=("official", "spatial"), default="official")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        args.model_path, args.model_base, None, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
+        device=args.device, compression=compression_from_args(args),
+    )
+    if image_processor is None:
+        raise ValueError(f"{args.model_path} is a language model without a vision tower")
+    session = ChatSession(model, tokenizer, image_processor, conv_mode=args.conv_mode)
+    session.set_image(load_image(args.image_file))
+    user, assistant = session.conv.roles
+    while True:
+        try:
+            text = input(f"{user}: ")
+        except EOFError:
+            print()
+            break
+        if not text.strip():
+            break
+        print(f"{assistant}: ", end="", flush=True)
+        session.ask(
+            text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            stream=lambda piece: print(piece, end="", flush=True),
+        )
+        print()
+        if args.debug:
+            turn = session.turns[-1]
+            stats = {
+                "prefill_tokens": turn.prefill_tokens,
+                "generated_tokens": turn.generated_tokens,
+                "reused_cache": turn.reused_cache,
+                "cached_tokens": session.cache.get_seq_length(),
+                "image_encodes": session.image_encodes,
+            }
+            print(json.dumps(stats), file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
