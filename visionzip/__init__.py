@@ -9,13 +9,13 @@ Public API
 - ``compress`` / ``compress_capture`` / ``check_budget`` and ``encoder_adapter``: for model code
 """
 from .anyres import official_anyres_layout
-from .apply import apply_compression, vispruner, visionzip
+from .apply import apply_compression, visionzip, vispruner
 from .compress import check_budget, compress, compress_capture
 from .config import VISIONZIP_BUDGETS, VISIONZIP_NEXT_BUDGETS, CompressionConfig
 from .encoders import EncoderCapture, VisionEncoderAdapter, encoder_adapter
 from .methods import CompressedTokens, get_method, registered_methods
-from .methods.vispruner import VisPrunerOutput, vispruner_keep_indices, vispruner_select
 from .methods.visionzip import VisionZipOutput, merge_contextual, select_dominant, zip_vision_tokens
+from .methods.vispruner import VisPrunerOutput, vispruner_keep_indices, vispruner_select
 
 __version__ = "0.1.0"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from PIL import Image, ImageDraw
 
 from .config import VISIONZIP_BUDGETS
 from .encoders import encoder_adapter
-from .methods.vispruner import vispruner_select
 from .methods.visionzip import zip_vision_tokens
+from .methods.vispruner import vispruner_select
 from .profiling import measure
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -89,7 +90,7 @@ def run_compression_demo(vision_model, pixel_values: torch.Tensor, repeats: int 
         base = DemoRow("vanilla", adapter.num_patches, "all patch tokens", vanilla.median, vanilla.peak_mib, {})
         for budget, (dominant, contextual) in sorted(VISIONZIP_BUDGETS.items(), reverse=True):
             out = zip_vision_tokens(vision_model, pixel_values, dominant, contextual)
-            m = measure(lambda: zip_vision_tokens(vision_model, pixel_values, dominant, contextual), repeats=repeats)
+            m = measure(partial(zip_vision_tokens, vision_model, pixel_values, dominant, contextual), repeats=repeats)
             offset = int(out.has_cls)
             marks = {
                 "dominant": (out.keep_indices[0, offset:] - offset).tolist(),
@@ -99,7 +100,7 @@ def run_compression_demo(vision_model, pixel_values: torch.Tensor, repeats: int 
                                 m.median, m.peak_mib, marks))
         for budget in sorted(VISIONZIP_BUDGETS, reverse=True):
             out = vispruner_select(vision_model, pixel_values, budget)
-            m = measure(lambda: vispruner_select(vision_model, pixel_values, budget), repeats=repeats)
+            m = measure(partial(vispruner_select, vision_model, pixel_values, budget), repeats=repeats)
             rows.append(DemoRow("VisPruner", budget, f"{budget // 2} important + {budget - budget // 2} diverse",
                                 m.median, m.peak_mib, {"kept": out.keep_indices[0].tolist()}))
     return rows, base
