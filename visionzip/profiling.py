@@ -1,9 +1,12 @@
 """Measuring time and peak memory of a call, on CPU or CUDA, for benchmarks and the demo.
 
 CUDA: ``torch.cuda.max_memory_allocated`` above the memory in use before the call, with proper
-synchronisation around timings. CPU: the process's resident set size, sampled by a background thread
-while the call runs, above the RSS before it (freed heap memory is handed back to the OS first with
-``malloc_trim`` so that an earlier call's leftovers do not hide this one's peak).
+synchronisation around timings. CPU, by default (``cpu_mode="tensors"``): the peak of live tensor memory
+during the call, replayed from the allocation and free events that ``torch.profiler`` records
+(``profile_memory=True``): deterministic, and the CPU analogue of ``max_memory_allocated``.
+``cpu_mode="rss"``: the process's resident set size, sampled by a background thread while the call runs,
+above the RSS before it (glibc keeps freed memory around, so this one is noisy by tens of MiB).
+Memory is measured on a call of its own, never on a timed one (either way of measuring slows the call).
 """
 from __future__ import annotations
 
@@ -44,11 +47,28 @@ class _RssSampler(threading.Thread):
             time.sleep(self.interval)
 
 
-class PeakMemory:
-    """Context manager: ``.peak_bytes`` = the most memory the block used beyond what was in use before."""
+def _live_tensor_peak(events) -> int:
+    """Peak of the running sum of allocations (+) and frees (-) in profiler events, in time order."""
+    deltas = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage
+    )
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
 
-    def __init__(self, device: torch.device | str = "cpu"):
+
+class PeakMemory:
+    """Context manager: ``.peak_bytes`` = the most memory the block used beyond what was in use before.
+
+    ``cpu_mode``: "tensors" (live tensor memory, from the profiler's allocation events) or "rss"."""
+
+    def __init__(self, device: torch.device | str = "cpu", cpu_mode: str = "tensors"):
+        if cpu_mode not in ("tensors", "rss"):
+            raise ValueError(f"cpu_mode must be 'tensors' or 'rss', got {cpu_mode!r}")
         self.device = torch.device(device)
+        self.cpu_mode = cpu_mode
         self.peak_bytes = 0
 
     def __enter__(self) -> PeakMemory:
@@ -56,6 +76,11 @@ class PeakMemory:
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
+        elif self.cpu_mode == "tensors":
+            self._profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+            )
+            self._profiler.__enter__()
         else:
             _release_free_heap()
             self._sampler = _RssSampler()
@@ -67,6 +92,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        elif self.cpu_mode == "tensors":
+            self._profiler.__exit__(*exc)
+            self.peak_bytes = _live_tensor_peak(self._profiler.events())
         else:
             self._sampler.stopped.set()
             self._sampler.join()
@@ -87,22 +115,50 @@ class Measurement:
         return self.peak_bytes / 2**20
 
 
-def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device: str | torch.device = "cpu") -> Measurement:
-    """Median wall time over ``repeats`` calls after ``warmup`` calls, and the peak memory of one call."""
+def timed_call(fn: Callable[[], object], device: str | torch.device = "cpu") -> float:
+    """Wall time of one call in seconds, with the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(
+    fn: Callable[[], object],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    cpu_mode: str = "tensors",
+) -> Measurement:
+    """Median wall time over ``repeats`` calls after ``warmup`` calls, and the peak memory of one more
+    call (untimed: measuring memory slows the call it watches)."""
+    return measure_interleaved({"call": fn}, repeats=repeats, warmup=warmup, device=device, cpu_mode=cpu_mode)["call"]
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    cpu_mode: str = "tensors",
+) -> dict[str, Measurement]:
+    """``measure`` for several calls whose *ratio* matters, taken round by round (A B, then B A, ...).
+
+    On a shared machine the load drifts during a run; alternating the calls makes the drift hit all of
+    them alike, so that e.g. "compression step / vanilla tower" is not decided by which ran first.
+    Rounds: ``warmup`` untimed, one untimed round watching peak memory, ``repeats`` timed.
+    """
+    names = list(fns)
+    results = {name: Measurement() for name in names}
     for _ in range(warmup):
-        fn()
-    result = Measurement()
-    with PeakMemory(device) as peak:
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        result.times.append(time.perf_counter() - start)
-    result.peak_bytes = peak.peak_bytes
-    for _ in range(repeats - 1):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        result.times.append(time.perf_counter() - start)
-    return result
+        for name in names:
+            fns[name]()
+    for name in names:
+        with PeakMemory(device, cpu_mode) as peak:
+            fns[name]()
+        results[name].peak_bytes = peak.peak_bytes
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            results[name].times.append(timed_call(fns[name], device))
+    return results

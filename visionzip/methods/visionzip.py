@@ -98,14 +98,21 @@ def select_dominant(scores: torch.Tensor, dominant: int, has_cls: bool) -> torch
     return top.sort(dim=1).values
 
 
-def contextual_targets(num_remaining: int, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+def contextual_targets(
+    num_remaining: int, contextual: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniformly spaced targets within the remaining list and the positions that merge into them.
-    Returns (targets (C,), others (R - C,)) as CPU index tensors (static per budget: no host sync)."""
+    Returns (targets (C,), others (R - C,)) as index tensors built on ``device`` from the static sizes:
+    no ``nonzero`` and no host-to-device copy, either of which makes the host wait for the tower's
+    kernels on CUDA (a blocking ``.to(device)`` synchronises the stream)."""
     step = max(1, num_remaining // contextual)
-    targets = torch.arange(0, num_remaining, step)[:contextual]
-    is_target = torch.zeros(num_remaining, dtype=torch.bool)
-    is_target[targets] = True
-    return targets, (~is_target).nonzero().squeeze(1)
+    num_targets = min(contextual, -(-num_remaining // step))  # len(range(0, num_remaining, step)[:contextual])
+    targets = torch.arange(0, step * num_targets, step, device=device)
+    position = torch.arange(num_remaining, device=device)
+    is_target = (position % step == 0) & (position < step * num_targets)
+    # a stable sort puts the non-targets (0) first, in ascending order
+    others = torch.sort(is_target.to(torch.uint8), stable=True).indices[: num_remaining - num_targets]
+    return targets, others
 
 
 def merge_contextual(
@@ -118,8 +125,7 @@ def merge_contextual(
     list, and the assignment (B, R) of every remaining token to a contextual token.
     """
     bsz, num_remaining, channels = hidden.shape
-    targets, others = contextual_targets(num_remaining, contextual)
-    targets, others = targets.to(hidden.device), others.to(hidden.device)
+    targets, others = contextual_targets(num_remaining, contextual, hidden.device)
     normed = metric / metric.norm(dim=-1, keepdim=True)
     similarity = torch.matmul(normed[:, others], normed[:, targets].transpose(1, 2))  # (B, R-C, C)
     assign = similarity.argmax(dim=-1)  # first index wins ties, as the official argmax
