@@ -97,6 +97,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement")
     parser.add_argument("--tune-steps", type=int, default=4, help="projector-tuning steps (0 skips tuning)")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars of the tiny models would bury the tables
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     output = Path(args.output_dir)
     image = demo_image()

@@ -11,6 +11,7 @@ Memory is measured on a call of its own, never on a timed one (either way of mea
 from __future__ import annotations
 
 import ctypes
+import os
 import statistics
 import threading
 import time
@@ -77,6 +78,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         elif self.cpu_mode == "tensors":
+            # libkineto prints two log lines per profiling session at its default level; read when it
+            # starts (the first session), and a user's own setting wins
+            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
             self._profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
             )
