@@ -15,7 +15,7 @@ setup(
     packages=find_packages(include=["llava", "llava.*", "visionzip", "visionzip.*"]),
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0",
+        "transformers>=5.24",  # oldest version the suite was run against (the `cache=` keyword, see docs/architecture.md)
         "accelerate>=1.0",
         "safetensors",
         "sentencepiece",

@@ -1,11 +1,10 @@
 """Image preprocessing (pad / anyres / square) and prompt tokenization with image placeholders.
 
-The pixel arithmetic follows SPEC.md ("Preprocessing pad / anyres") exactly: these functions decide which
+The pixel arithmetic follows the original LLaVA exactly (docs/llava.md, "Preprocessing"): these functions decide which
 pixels the vision tower sees, and therefore the parity with the original LLaVA.
 """
 from __future__ import annotations
 
-import ast
 import base64
 import math
 from io import BytesIO
@@ -16,6 +15,9 @@ from transformers import StoppingCriteria
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
+# the anyres grid geometry lives with the NeXT layouts (one module); re-exported here for preprocessing
+from llava.model.anyres import get_anyres_image_grid_shape, parse_grid_pinpoints, select_best_resolution  # noqa: F401
+
 # Resizes inside anyres preprocessing: PIL's default filter for ``Image.resize`` (bicubic), made explicit.
 RESAMPLE = Image.Resampling.BICUBIC
 
@@ -24,14 +26,69 @@ def load_image_from_base64(image: str) -> Image.Image:
     return Image.open(BytesIO(base64.b64decode(image)))
 
 
-def load_image(image_file: str) -> Image.Image:
-    """An RGB image from a local path or an http(s) URL."""
-    if image_file.startswith(("http://", "https://")):
-        from urllib.request import urlopen
+# Seconds an http(s) image may take to answer (the original fetched with no timeout: a stalled server hung
+# the CLI forever).
+URL_TIMEOUT_S = 30.0
+# Modes PIL converts to RGB without losing range (8 bits per channel, palette, 1-bit, CMYK, YCbCr, alpha).
+EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
-        with urlopen(image_file) as response:  # noqa: S310 (user-supplied URL, as in the original CLI)
-            return Image.open(BytesIO(response.read())).convert("RGB")
-    return Image.open(image_file).convert("RGB")
+
+class ImageLoadError(ValueError):
+    """An image that cannot be read, decoded or converted to RGB; the message names the file and why."""
+
+
+def to_rgb(image: Image.Image, source: str = "image") -> Image.Image:
+    """``image`` as 8-bit RGB, keeping its brightness.
+
+    [VisionZip-LLaVA] ``convert("RGB")`` clips 16-bit greyscale (``I;16`` PNGs, ``I``) at 255, which turns
+    a typical 16-bit image almost all white; here 16-bit values are scaled to 8 bits (v * 255 / 65535,
+    rounded). 32-bit ``I`` images are read as 16-bit (how PIL opens 16-bit PNG/TIFF files) and refused when
+    a value is outside 0..65535; float (``F``) and other modes are refused with the mode named.
+    """
+    if image.mode == "RGB":
+        return image.copy()  # loaded and independent of the file, as convert() returns
+    if image.mode in EIGHT_BIT_MODES:
+        return image.convert("RGB")
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        import numpy as np
+
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageLoadError(
+                f"{source}: mode {image.mode} values span {values.min()}..{values.max()}, outside the 16-bit "
+                "range 0..65535 this loader converts; convert the image to 8-bit RGB first"
+            )
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    raise ImageLoadError(
+        f"{source}: image mode {image.mode!r} cannot be converted to RGB without guessing its range; "
+        f"supported: {sorted(EIGHT_BIT_MODES | SIXTEEN_BIT_MODES | {'I'})}"
+    )
+
+
+def load_image(image_file: str, timeout: float = URL_TIMEOUT_S) -> Image.Image:
+    """An 8-bit RGB image from a local path or an http(s) URL, fully decoded (``to_rgb``).
+
+    Every failure (missing file, not an image, truncated data, over PIL's decompression-bomb limit, an
+    unsupported mode, a URL that does not answer within ``timeout`` seconds) raises ``ImageLoadError``
+    naming the file.
+    """
+    try:
+        if image_file.startswith(("http://", "https://")):
+            from urllib.request import urlopen
+
+            with urlopen(image_file, timeout=timeout) as response:  # noqa: S310 (user-supplied URL)
+                data = BytesIO(response.read())
+            image = Image.open(data)
+        else:
+            image = Image.open(image_file)
+        image.load()  # decodes now, so a truncated file fails here, not in the middle of a batch
+        return to_rgb(image, image_file)
+    except ImageLoadError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageLoadError(f"cannot read image {image_file}: {type(err).__name__}: {err}") from err
 
 
 def expand2square(pil_img: Image.Image, background_color) -> Image.Image:
@@ -43,39 +100,6 @@ def expand2square(pil_img: Image.Image, background_color) -> Image.Image:
     canvas = Image.new(pil_img.mode, (side, side), background_color)
     canvas.paste(pil_img, ((side - width) // 2, (side - height) // 2))
     return canvas
-
-
-def parse_grid_pinpoints(grid_pinpoints) -> list[tuple[int, int]]:
-    """``image_grid_pinpoints`` as a list of (width, height): a list, or its string literal."""
-    if isinstance(grid_pinpoints, str):
-        try:
-            grid_pinpoints = ast.literal_eval(grid_pinpoints)
-        except (ValueError, SyntaxError) as err:
-            raise ValueError(
-                f"image_grid_pinpoints {grid_pinpoints!r} is not a list literal such as [[336, 672], [672, 336]]"
-            ) from err
-    try:
-        pinpoints = [(int(w), int(h)) for w, h in grid_pinpoints]
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"image_grid_pinpoints must be (width, height) pairs, got {grid_pinpoints!r}") from err
-    if not pinpoints:
-        raise ValueError("image_grid_pinpoints is empty")
-    return pinpoints
-
-
-def select_best_resolution(original_size, possible_resolutions) -> tuple[int, int]:
-    """Among ``possible_resolutions`` (width, height), the one that keeps the most of the image's
-    resolution once it is fitted inside (effective area), ties broken by the least wasted area."""
-    original_width, original_height = original_size
-    best, best_effective, best_wasted = None, -1, math.inf
-    for width, height in possible_resolutions:
-        scale = min(width / original_width, height / original_height)
-        scaled = int(original_width * scale) * int(original_height * scale)
-        effective = min(scaled, original_width * original_height)
-        wasted = width * height - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (width, height), effective, wasted
-    return best
 
 
 def resize_and_pad_image(image: Image.Image, target_resolution) -> Image.Image:
@@ -101,12 +125,6 @@ def divide_to_patches(image: Image.Image, patch_size: int) -> list[Image.Image]:
         for top in range(0, height, patch_size)
         for left in range(0, width, patch_size)
     ]
-
-
-def get_anyres_image_grid_shape(image_size, grid_pinpoints, patch_size: int) -> tuple[int, int]:
-    """(columns, rows) of crops for an image of ``image_size`` (width, height)."""
-    width, height = select_best_resolution(image_size, parse_grid_pinpoints(grid_pinpoints))
-    return width // patch_size, height // patch_size
 
 
 def processor_crop_size(image_processor) -> int:
@@ -146,7 +164,7 @@ def process_images(images, image_processor, model_cfg):
     else a list. Anything else: the processor on the images as they are (resize + centre crop).
     """
     aspect = getattr(model_cfg, "image_aspect_ratio", None)
-    images = [image.convert("RGB") if image.mode != "RGB" else image for image in images]
+    images = [to_rgb(image) for image in images]
     if aspect == "pad":
         fill = tuple(int(m * 255) for m in image_processor.image_mean)
         return preprocess_pixels(image_processor, [expand2square(image, fill) for image in images])

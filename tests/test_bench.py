@@ -72,10 +72,11 @@ def test_parse_methods():
     assert official.official and official.label == "official visionzip 54+10"
     pruner = parse_method("official-vispruner:64")
     assert pruner.official and pruner.compression.tokens == 64
-    with pytest.raises(ValueError, match="budget"):
+    with pytest.raises(ValueError, match="give the settings"):
         parse_method("official")
     with pytest.raises(ValueError, match="cannot parse"):
-        parse_method("visionzip:54")
+        parse_method("visionzip:54,10,3")
+    assert parse_method("official:vispruner:64").ours_spec == "vispruner:64,0.5"
 
 
 def test_resolve_methods_adds_vanilla_and_our_side_of_each_official_row():

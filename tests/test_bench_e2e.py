@@ -95,5 +95,5 @@ def test_cli_rejects_bad_arguments():
         main(["--geometry", "llava-1.5-7b", "--batch", "0"])
     with pytest.raises(SystemExit):
         main(["--geometry", "no-such-model"])
-    with pytest.raises(ValueError, match="cannot parse"):
+    with pytest.raises(ValueError, match="visual tokens must be >= 2, got 1"):
         main(["--geometry", "tiny", *FAST, "--methods", "visionzip:1"])

@@ -116,12 +116,14 @@ def test_budgets_follow_the_paper_tables():
     assert run.compression.tokens == 64 and run.spec == "vispruner:64,0.5"
     run = resolve_budget("none", None, "v1.6")
     assert (run.method, run.label, run.visual_tokens, run.compression.enabled) == ("none", "full", 2880, False)
-    with pytest.raises(ValueError, match="no paper VisionZip split for 100 tokens on v1.5"):
-        resolve_budget("visionzip", "100", "v1.5")
+    with pytest.raises(ValueError, match="must divide by 5; got 101"):
+        resolve_budget("visionzip", "101", "v1.6")
+    with pytest.raises(ValueError, match="exceeds the 576 visual tokens"):
+        resolve_budget("visionzip", "600", "v1.5")
     with pytest.raises(ValueError, match="needs a token budget"):
         resolve_budget("vispruner", None)
-    with pytest.raises(ValueError, match="unknown compression method 'tome'"):
-        resolve_budget("tome", "64")
+    with pytest.raises(ValueError, match="unknown compression method 'nosuchmethod'"):
+        resolve_budget("nosuchmethod", "64")
 
 
 # --------------------------------------------------------------------------------------------- report

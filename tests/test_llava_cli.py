@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from llava.eval.run_llava import build_query, main
+from llava.eval.run_llava import main
 from llava.model.builder import load_pretrained_model
 from llava.model.tiny import build_tiny_llava
+from llava.processor import place_images
 from llava.serve.chat import ChatSession
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def test_run_llava_end_to_end(tiny, image_file):
     common = ["--image-file", image_file, "--query", "What is this?", "--device", "cpu",
               "--temperature", "0", "--max_new_tokens", "6"]
     zipped = run_module("llava.eval.run_llava", ["--model-path", tiny["v1.5"], *common, "--visionzip", "54,10"])
-    pruned = run_module("llava.eval.run_llava", ["--model-path", tiny["v1.6"], *common, "--vispruner", "32"])
+    pruned = run_module("llava.eval.run_llava", ["--model-path", tiny["v1.6"], *common, "--compression", "vispruner:32"])
     for result in (zipped, pruned):
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.strip()
@@ -60,10 +61,10 @@ def test_run_llava_in_process(tiny, image_file, capsys):
 
 
 def test_build_query_places_images():
-    assert build_query("Q?", False, 1) == "<image>\nQ?"
-    assert build_query("A <image-placeholder> B", True, 1) == "A <im_start><image><im_end> B"
+    assert place_images("Q?", "<image>", 1) == "<image>\nQ?"
+    assert place_images("A <image-placeholder> B", "<im_start><image><im_end>", 1) == "A <im_start><image><im_end> B"
     with pytest.raises(ValueError, match="1 <image-placeholder> but 2 images"):
-        build_query("A <image-placeholder>", False, 2)
+        place_images("A <image-placeholder>", "<image>", 2)
 
 
 def test_serve_cli_multi_turn_keeps_the_image_in_the_cache(tiny, image_file):
@@ -99,7 +100,7 @@ def test_chat_session_cache_equals_recomputing_the_conversation(tiny, image_file
 
     new_prompt = session.cached_ids[len(before_turn_2) : len(before_turn_2) + session.turns[1].prefill_tokens]
     ids = before_turn_2 + new_prompt
-    embeds = session._embed(ids)
+    embeds, _ = session._embed(ids)
     expected = []
     with torch.no_grad():
         for _ in range(session.turns[1].generated_tokens):

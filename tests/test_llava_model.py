@@ -138,15 +138,16 @@ def test_next_layouts_official_and_spatial(models):
     newline = model.get_model().image_newline
     try:
         model.set_visual_compression(CompressionConfig(method="visionzip", dominant=27, contextual=5))
-        official = model.image_features_per_image(pixels, [image.size])[0]
+        official = model.get_image_features(pixels, [image.size]).per_image[0]
         assert official.shape[0] == crops * 32
         assert not any(torch.equal(row, newline) for row in official)
 
         model.set_visual_compression(
             CompressionConfig(method="visionzip", dominant=27, contextual=5, anyres_layout="spatial")
         )
-        features, compressed = model.encode_image_tokens(pixels[0])
-        spatial = model.image_features_per_image(pixels, [image.size])[0]
+        projected = model.project_views(pixels[0])
+        features, compressed = projected.tokens, projected.compressed
+        spatial = model.get_image_features(pixels, [image.size]).per_image[0]
         is_newline = torch.tensor([torch.equal(row, newline) for row in spatial])
         grid = spatial[32:]
         # base view first, as in vanilla NeXT
@@ -182,7 +183,7 @@ def test_one_liner_as_the_official_readme(models):
         (lambda m: visionzip.visionzip(m, dominant=570, contextual=10), "exceeds the 577 tokens"),
         (lambda m: visionzip.visionzip(m, dominant=0, contextual=10), "dominant must be >= 1"),
         (lambda m: visionzip.vispruner(m, tokens=600), "exceeds the 576 patch tokens"),
-        (lambda m: m.set_visual_compression("visionzip:54"), "cannot parse"),
+        (lambda m: m.set_visual_compression("visionzip:54,10,3"), "cannot parse"),
         (lambda m: m.set_visual_compression({"method": "zip"}), "unknown compression method"),
     ],
 )

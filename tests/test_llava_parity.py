@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -19,6 +21,40 @@ from PIL import Image
 from llava.conversation import conv_templates
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
+from visionzip import CompressedTokens, register_method
+from visionzip.methods.base import unregister_method
+from visionzip.methods.visionzip import VisionZip
+from visionzip.reference import official_visionzip
+
+# Where this machine's float32 kernels do not reproduce the recording machine's tower features (an AVX-512
+# x86 CPU here, by about 2e-5 on the tiny tower's layer -2 features), VisionZip's top-k and argmax can
+# resolve a near-tie the other way than on the recording machine: a different token then moves the last
+# logits by up to ~1e-2 while sequence length and greedy tokens stay the same. The records are then checked
+# at this bound, and our path is held to the original tolerance against the official path re-enacted on
+# this machine (OfficialVisionZipHere), which is what the records would be here.
+CROSS_MACHINE_TOLERANCE = 5e-2
+
+
+@dataclass
+class OfficialVisionZipHere(VisionZip):
+    """The official VisionZip code path (eager tower with every attention map, dense one-hot merge;
+    ``visionzip.reference.official_visionzip``) as a method, so that LLaVA runs it in place of ours."""
+
+    name: ClassVar[str] = "official-visionzip-here"
+
+    def encode(self, adapter, pixel_values, select_layer=-2, early_exit=True) -> CompressedTokens:
+        with torch.no_grad():
+            tokens, keep = official_visionzip(adapter.model, pixel_values, self.dominant, self.contextual, select_layer)
+        return CompressedTokens(tokens, keep.sort(dim=1).values, adapter.has_cls, cls_kept=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def official_here():
+    register_method(OfficialVisionZipHere)
+    yield
+    unregister_method(OfficialVisionZipHere.name)
+
+
 
 CASES = {
     "v15_vanilla": ("llava-v1.5-tiny", None),
@@ -90,34 +126,46 @@ def test_prompts_and_input_ids_match_the_records(models, records):
             assert tokenizer_image_token(prompt, tokenizer, return_tensors="pt").tolist() == record["input_ids"][0].tolist()
 
 
-def check_case(case, models, records, tolerance, full_path: bool) -> None:
+def run_case(model, input_ids, pixels, image, full_path: bool):
+    with torch.no_grad():
+        if full_path:
+            logits = model(input_ids=input_ids, images=pixels, image_sizes=[image.size]).logits
+            generated = model.generate(
+                input_ids, images=pixels, image_sizes=[image.size], max_new_tokens=8, do_sample=False
+            )
+        else:
+            embeds = model.prepare_inputs_labels_for_multimodal(input_ids, None, None, None, None, pixels, [image.size])[4]
+            logits = model(inputs_embeds=embeds).logits
+            generated = model.generate(inputs_embeds=embeds, max_new_tokens=8, do_sample=False)
+    return logits, generated
+
+
+def check_case(case, models, records, tolerance, full_path: bool, exact_machine: bool = True) -> None:
     """seq_len equal, last 32 logits within ``tolerance``, greedy ids equal. ``full_path``: through
-    ``forward(images=...)`` and ``generate(ids, images=...)``; else one splice shared by both (one tower pass)."""
+    ``forward(images=...)`` and ``generate(ids, images=...)``; else one splice shared by both (one tower pass).
+    ``exact_machine`` False: the records within ``CROSS_MACHINE_TOLERANCE`` and our logits within
+    ``tolerance`` of the official path re-enacted on this machine (see the module's note)."""
     checkpoint, budget = CASES[case]
     tokenizer, model, image_processor, _ = models[checkpoint]
-    model.set_visual_compression(budget)
     try:
         for image, record in zip(fixture_images(), records[case]):
             input_ids = record["input_ids"]
             assert image.size == tuple(record["image_size"])
             pixels = process_images([image], image_processor, model.config)
-            with torch.no_grad():
-                if full_path:
-                    logits = model(input_ids=input_ids, images=pixels, image_sizes=[image.size]).logits
-                    generated = model.generate(
-                        input_ids, images=pixels, image_sizes=[image.size], max_new_tokens=8, do_sample=False
-                    )
-                else:
-                    embeds = model.prepare_inputs_labels_for_multimodal(
-                        input_ids, None, None, None, None, pixels, [image.size]
-                    )[4]
-                    logits = model(inputs_embeds=embeds).logits
-                    generated = model.generate(inputs_embeds=embeds, max_new_tokens=8, do_sample=False)
+            model.set_visual_compression(budget)
+            logits, generated = run_case(model, input_ids, pixels, image, full_path)
             assert logits.shape[1] == record["seq_len"]
             error = (logits[:, -32:] - record["last_logits"]).abs().max().item()
-            assert error < tolerance, f"{case} {image.size}: max |logit diff| {error:.2e}"
+            bound = tolerance if exact_machine or budget is None else CROSS_MACHINE_TOLERANCE
+            assert error < bound, f"{case} {image.size}: max |logit diff| {error:.2e}"
             assert record["generated"][0, 0].item() == tokenizer.bos_token_id
             assert generated.tolist() == record["generated"][:, 1:].tolist()
+            if not exact_machine and budget is not None:
+                model.set_visual_compression(f"{OfficialVisionZipHere.name}:{budget}")
+                official_logits, official_generated = run_case(model, input_ids, pixels, image, full_path)
+                here = (logits[:, -32:] - official_logits[:, -32:]).abs().max().item()
+                assert here < tolerance, f"{case} {image.size}: max |logit diff| to the official path here {here:.2e}"
+                assert generated.tolist() == official_generated.tolist()
     finally:
         model.set_visual_compression(None)
 
@@ -134,20 +182,21 @@ def eager_towers(models):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_official_outputs_with_eager_towers(case, models, records, eager_towers):
+def test_matches_official_outputs_with_eager_towers(case, models, records, eager_towers,
+                                                   reproduces_recorded_features):
     """The acceptance check. Towers in eager attention, as the official run had them, through
     forward(images=...) and generate(ids, images=...): we agree to ~1e-5 (bound 1e-4, 10x tighter than
     the issue's 1e-3)."""
-    check_case(case, models, records, tolerance=1e-4, full_path=True)
+    check_case(case, models, records, tolerance=1e-4, full_path=True, exact_machine=reproduces_recorded_features)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_official_outputs_with_sdpa_towers(case, models, records):
+def test_matches_official_outputs_with_sdpa_towers(case, models, records, reproduces_recorded_features):
     """Our default (SDPA towers), one splice shared by forward and generate: the same tokens and
     sequence. SDPA's last-bit differences from eager attention can flip exact near-ties in VisionZip's
     contextual merge on the black padding of NeXT crops (identical padding tokens), which moved the logits
     by up to 9.4e-4 on the recorded seed; the bound leaves room for other seeds."""
-    check_case(case, models, records, tolerance=5e-3, full_path=False)
+    check_case(case, models, records, tolerance=5e-3, full_path=False, exact_machine=reproduces_recorded_features)
 
 
 def test_exact_float32_load_differs_only_by_the_original_float16_rounding(models, checkpoints, records):

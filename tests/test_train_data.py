@@ -274,8 +274,8 @@ def test_compression_arguments():
     assert config.tokens == 64
     config = build_compression_config(CompressionArguments(compression="visionzip:54,10"), "pad")
     assert config.tokens_per_image == 64
-    with pytest.raises(ValueError, match="--visual_tokens 100 is not a paper budget"):
-        build_compression_config(CompressionArguments(compression="visionzip", visual_tokens=100), "pad")
+    with pytest.raises(ValueError, match="must divide by 5; got 101"):
+        build_compression_config(CompressionArguments(compression="visionzip", visual_tokens=101), "anyres")
     with pytest.raises(ValueError, match="does not match"):
         build_compression_config(
             CompressionArguments(compression="visionzip", dominant=54, contextual=10, visual_tokens=128), "pad"
@@ -314,7 +314,7 @@ def test_launchers_pass_only_known_arguments(script, size):
     parser = HfArgumentParser((ModelArguments, DataArguments, CompressionArguments, TrainingArguments))
     namespace, unknown = parser.parse_known_args(args)
     assert unknown == []
-    assert namespace.visual_tokens == 128 and namespace.learning_rate == 2e-5
+    assert namespace.compression == "visionzip:128" and namespace.learning_rate == 2e-5
     assert size in namespace.model_name_or_path
     if "projector" in script:
         assert namespace.tune_mm_mlp_adapter is True and "10pct" in namespace.data_path

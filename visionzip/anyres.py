@@ -1,6 +1,7 @@
 """LLaVA-NeXT (anyres) layouts of compressed crop tokens, as pure tensor functions.
 
-The official VisionZip code lays out the crops of a high-resolution image this way (SPEC point 7):
+The official VisionZip code (dvlab-research/VisionZip at 3151f6d, its LLaVA-NeXT path) lays out the crops
+of a high-resolution image this way (docs/visionzip.md, "LLaVA-NeXT"):
 the kept (non-CLS) dominant tokens of all crops are put back on the full (rows * S, cols * S) patch grid
 and emitted in row-major order of that grid; then each crop's CLS token (crop order); then all crops'
 contextual tokens (crop order). No ``unpad`` and no ``image_newline``. The base image's tokens, which

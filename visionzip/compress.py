@@ -5,29 +5,41 @@ import torch
 
 from .config import CompressionConfig
 from .encoders import EncoderCapture, VisionEncoderAdapter, encoder_adapter
-from .methods import CompressedTokens, get_method
+from .methods import CompressedTokens
+
+
+def _settings(config: CompressionConfig):
+    config = CompressionConfig.parse(config)
+    return None if not config.enabled else config.settings
 
 
 def check_budget(vision_model, config: CompressionConfig, select_layer: int = -2) -> None:
     """Raise a ValueError naming the value and the limit if ``config`` does not fit the encoder."""
-    if config.enabled:
-        get_method(config.method).check(encoder_adapter(vision_model), config, select_layer)
+    settings = _settings(config)
+    if settings is not None and settings.stage != "llm":
+        settings.check(encoder_adapter(vision_model), select_layer)
 
 
 def compress_capture(
     adapter: VisionEncoderAdapter, capture: EncoderCapture, config: CompressionConfig
 ) -> CompressedTokens:
-    """Compress an encoder pass captured by ``adapter.run`` (``config.method`` must not be "none")."""
-    return get_method(config.method).compress(adapter, capture, config)
+    """Compress an encoder pass captured by ``adapter.run`` (an encoder-output method)."""
+    settings = _settings(config)
+    if settings is None:
+        raise ValueError("compress_capture() needs a compression method; got method='none'")
+    return settings.compress(adapter, capture)
 
 
 def compress(
     vision_model, pixel_values: torch.Tensor, config: CompressionConfig, select_layer: int = -2
 ) -> CompressedTokens:
-    """Run the encoder on ``pixel_values`` (B, 3, H, W) and compress its selected layer."""
-    if not config.enabled:
+    """Run the encoder on ``pixel_values`` (B, 3, H, W) and compress (a vision-side method)."""
+    settings = _settings(config)
+    if settings is None:
         raise ValueError("compress() needs a compression method; got method='none'")
+    if settings.stage == "llm":
+        raise ValueError(f"{settings.name} acts inside the LLM, not on the vision tower's output")
     adapter = encoder_adapter(vision_model)
-    check_budget(adapter, config, select_layer)
-    capture = adapter.run(pixel_values, select_layer)
-    return compress_capture(adapter, capture, config)
+    settings.check(adapter, select_layer)
+    adapter.check_pixel_values(pixel_values)
+    return settings.encode(adapter, pixel_values, select_layer)

@@ -1,92 +1,154 @@
-"""Compression settings as data: a dataclass that lives in a model's ``config.json``.
+"""Compression settings as data: the method's name plus that method's settings, persisted in a model's
+``config.json`` under ``visual_compression``.
 
-A checkpoint trained or evaluated with VisionZip records *how* its visual tokens were compressed, so
-that reloading it reproduces the same token budget. The dict form is what is persisted under the
-``visual_compression`` key of the model config.
+A checkpoint trained or evaluated with compression records *how* its visual tokens were compressed, so
+that reloading it reproduces the same token budget. The persisted dict is flat:
+``{"method": "visionzip", "dominant": 54, "contextual": 10, "anyres_layout": "official"}``; dicts written
+by earlier versions (which carried every method's keys, unused ones as ``None``) keep loading.
+
+One spec string selects a method everywhere (``--compression SPEC``, ``apply_compression(model, SPEC)``):
+
+- ``none``;
+- ``METHOD:TOKENS``: the method's paper split for that many visual tokens per image (per crop on
+  LLaVA-NeXT), e.g. ``visionzip:64`` = 54 dominant + 10 contextual;
+- ``METHOD:key=value,...``: explicit settings, e.g. ``visionzip:dominant=54,contextual=10``;
+- the legacy positional forms ``visionzip:54,10``, ``54,10`` and ``vispruner:64,0.5``.
 """
 from __future__ import annotations
 
-import numbers
-from dataclasses import asdict, dataclass, fields
+from typing import Any
 
-METHODS = ("none", "visionzip", "vispruner")
+from .methods.base import MethodSettings, check_count, check_ratio, get_method, registered_methods
+
+__all__ = [
+    "ANYRES_LAYOUTS",
+    "CompressionConfig",
+    "VISIONZIP_BUDGETS",
+    "VISIONZIP_NEXT_BUDGETS",
+    "check_count",
+    "check_ratio",
+    "parse_spec",
+]
+
 # How LLaVA-NeXT (anyres) lays out compressed crop tokens:
-#   "official": as the official VisionZip code (SPEC point 7): base image tokens, then the kept dominant
-#               tokens of all crops in row-major order of the full grid, each crop's CLS, then all
-#               contextual tokens; no unpad, no image_newline.
+#   "official": as the official VisionZip code (docs/visionzip.md): base image tokens, then the kept tokens
+#               of all crops in row-major order of the full grid, each crop's CLS, then all merged tokens;
+#               no unpad, no image_newline.
 #   "spatial":  keep LLaVA-NeXT's own layout: only kept positions of the (unpadded) grid survive, with
-#               ``image_newline`` after every grid row that still has tokens; contextual tokens follow.
+#               ``image_newline`` after every grid row that still has tokens; merged tokens follow.
 ANYRES_LAYOUTS = ("official", "spatial")
 
-# Paper budgets: total tokens -> (dominant, contextual) per image (LLaVA-1.5) or per crop (LLaVA-NeXT).
-VISIONZIP_BUDGETS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
-VISIONZIP_NEXT_BUDGETS = {640: (108, 20), 320: (54, 10), 160: (27, 5)}
+# Legacy re-exports: the VisionZip paper budgets live in visionzip/methods/visionzip.py.
+from .methods.visionzip import VISIONZIP_BUDGETS, VISIONZIP_NEXT_BUDGETS  # noqa: E402
+
+# Keys every method's dict carried before settings became per-method dataclasses.
+_LEGACY_KEYS = ("dominant", "contextual", "tokens", "important_ratio")
+_NONE = ("", "none", "vanilla")
 
 
-def check_count(name: str, value, minimum: int = 1) -> int:
-    """Validate an integer budget: a clear ValueError naming the value and the limit."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+def parse_spec(spec: str) -> MethodSettings | None:
+    """A spec string (see the module docstring) -> the method's settings, or None for ``none``."""
+    if not isinstance(spec, str):
+        raise ValueError(f"a compression spec must be a string, got {type(spec).__name__}")
+    spec = spec.strip()
+    if spec.lower() in _NONE:
+        return None
+    method, colon, args = spec.partition(":")
+    if not colon:
+        if "," in spec:  # bare "54,10": VisionZip's legacy form
+            method, args = "visionzip", spec
+        elif method in registered_methods():
+            raise ValueError(f"compression spec {spec!r} needs a budget: '{method}:TOKENS' or '{method}:key=value,...'")
+        else:
+            raise ValueError(
+                f"cannot parse compression spec {spec!r}: use 'none', 'METHOD:TOKENS' or 'METHOD:key=value,...' "
+                f"with METHOD one of {registered_methods()}"
+            )
+    return get_method(method.strip().lower()).from_args(args)
 
 
-def check_ratio(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
-
-
-@dataclass
 class CompressionConfig:
-    """Which visual-token compression a model applies, and with what budget.
+    """Which visual-token compression a model applies: ``method`` and that method's ``settings``.
 
-    method: "none", "visionzip" (``dominant`` + ``contextual`` tokens per image, or per crop for
-        LLaVA-NeXT) or "vispruner" (``tokens`` per image/crop, ``important_ratio`` of them by attention).
-    anyres_layout: see ``ANYRES_LAYOUTS``.
+    ``CompressionConfig()`` is no compression. ``CompressionConfig(method="visionzip", dominant=54,
+    contextual=10)`` builds the method's settings from keyword arguments; ``CompressionConfig.parse(spec)``
+    from a spec string. The method's settings are also readable as attributes (``config.dominant``).
     """
 
-    method: str = "none"
-    dominant: int | None = None
-    contextual: int | None = None
-    tokens: int | None = None
-    important_ratio: float = 0.5
-    anyres_layout: str = "official"
+    def __init__(
+        self,
+        method: str = "none",
+        settings: MethodSettings | None = None,
+        anyres_layout: str = "official",
+        **settings_kwargs: Any,
+    ):
+        method = (method or "none").strip().lower()
+        if method in _NONE:
+            method = "none"
+            if settings is not None or settings_kwargs:
+                raise ValueError(f"method 'none' takes no settings, got {settings or settings_kwargs}")
+        elif settings is None:
+            settings = get_method(method)(**settings_kwargs)
+        elif settings_kwargs:
+            raise ValueError("give either settings or keyword settings, not both")
+        elif settings.name != method:
+            raise ValueError(f"settings for {settings.name!r} given with method {method!r}")
+        if anyres_layout not in ANYRES_LAYOUTS:
+            raise ValueError(f"anyres_layout must be one of {ANYRES_LAYOUTS}, got {anyres_layout!r}")
+        self.method = method
+        self.settings = settings
+        self.anyres_layout = anyres_layout
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> CompressionConfig:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown compression method {self.method!r}; choose one of {METHODS}")
-        if self.anyres_layout not in ANYRES_LAYOUTS:
-            raise ValueError(f"anyres_layout must be one of {ANYRES_LAYOUTS}, got {self.anyres_layout!r}")
-        if self.method == "visionzip":
-            self.dominant = check_count("dominant", self.dominant)
-            self.contextual = check_count("contextual", self.contextual)
-        elif self.method == "vispruner":
-            self.tokens = check_count("tokens", self.tokens)
-            self.important_ratio = check_ratio("important_ratio", self.important_ratio)
-        return self
-
+    # ----- views ----------------------------------------------------------------------------------
     @property
     def enabled(self) -> bool:
-        return self.method != "none"
+        return self.settings is not None
+
+    @property
+    def stage(self) -> str | None:
+        return None if self.settings is None else self.settings.stage
 
     @property
     def tokens_per_image(self) -> int | None:
-        """Visual tokens one image (or one anyres crop) contributes; None when uncompressed."""
-        if self.method == "visionzip":
-            return self.dominant + self.contextual
-        if self.method == "vispruner":
-            return self.tokens
-        return None
+        """Visual tokens one image (or one anyres crop) contributes; None when uncompressed or when it
+        depends on the image (e.g. adaptive PruMerge)."""
+        return None if self.settings is None else self.settings.tokens_per_view()
 
+    def __getattr__(self, name: str):
+        # the method's own settings read as attributes (config.dominant); only called for missing names
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in {f for f in settings.to_dict()}:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__} ({self.__dict__.get('method')}) has no attribute {name!r}")
+
+    def validate(self) -> CompressionConfig:
+        if self.settings is not None:
+            self.settings.validate()
+        return self
+
+    def spec(self) -> str:
+        """The spec string that gives back this config (without the anyres layout)."""
+        return "none" if self.settings is None else self.settings.spec()
+
+    def label(self) -> str:
+        return "vanilla" if self.settings is None else self.settings.label()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CompressionConfig) and self.to_dict() == other.to_dict()
+
+    def __hash__(self):
+        return hash(self.spec())
+
+    def __repr__(self) -> str:
+        return f"CompressionConfig({self.spec()!r}, anyres_layout={self.anyres_layout!r})"
+
+    # ----- persistence ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = {"method": self.method}
+        if self.settings is not None:
+            out.update(self.settings.to_dict())
+        out["anyres_layout"] = self.anyres_layout
+        return out
 
     @classmethod
     def from_dict(cls, data: dict | CompressionConfig | None) -> CompressionConfig:
@@ -94,36 +156,35 @@ class CompressionConfig:
             return cls()
         if isinstance(data, CompressionConfig):
             return data
-        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict):
+            raise ValueError(f"visual_compression must be a dict, got {type(data).__name__}")
+        data = dict(data)
+        method = data.pop("method", "none") or "none"
+        layout = data.pop("anyres_layout", "official")
+        if method in _NONE:
+            unknown = {k for k in data if k not in _LEGACY_KEYS}
+            if unknown:
+                raise ValueError(f"unknown compression settings {sorted(unknown)} for method 'none'")
+            return cls(anyres_layout=layout)
+        settings_cls = get_method(method)
+        known = {f for f in settings_cls.__dataclass_fields__}
+        # earlier versions wrote every method's keys: drop the legacy ones this method does not have
+        data = {k: v for k, v in data.items() if k in known or k not in _LEGACY_KEYS}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown compression settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+            raise ValueError(f"unknown compression settings {sorted(unknown)} for {method}; known: {sorted(known)}")
+        return cls(method, settings_cls(**data), anyres_layout=layout)
 
     @classmethod
-    def parse(cls, spec: str, **extra) -> CompressionConfig:
-        """Parse a command-line spec: ``none``, ``visionzip:54,10``, ``vispruner:64`` or
-        ``vispruner:64,0.5``; a bare ``54,10`` means VisionZip."""
-        spec = spec.strip()
-        if spec in ("", "none", "vanilla"):
-            return cls(**extra)
-        method, _, args = spec.partition(":")
-        if not args:
-            method, args = "visionzip", spec
-        parts = [p.strip() for p in args.split(",") if p.strip()]
-        usage = (
-            f"cannot parse compression spec {spec!r}: use 'none', 'visionzip:D,C' (e.g. 54,10) "
-            "or 'vispruner:T[,ratio]' (e.g. vispruner:64)"
-        )
-        try:
-            if method == "visionzip" and len(parts) == 2:
-                dominant, contextual = int(parts[0]), int(parts[1])
-                return cls(method="visionzip", dominant=dominant, contextual=contextual, **extra)
-            if method == "vispruner" and len(parts) in (1, 2):
-                tokens, ratio = int(parts[0]), (float(parts[1]) if len(parts) == 2 else 0.5)
-                return cls(method="vispruner", tokens=tokens, important_ratio=ratio, **extra)
-        except ValueError as err:
-            if "invalid literal" in str(err) or "could not convert" in str(err):
-                raise ValueError(usage) from err
-            raise
-        raise ValueError(usage)
+    def parse(cls, spec: str | CompressionConfig | dict | None, anyres_layout: str = "official") -> CompressionConfig:
+        """A spec string (or a config / dict, returned as a config) -> ``CompressionConfig``."""
+        if spec is None:
+            return cls(anyres_layout=anyres_layout)
+        if isinstance(spec, CompressionConfig):
+            return spec
+        if isinstance(spec, dict):
+            return cls.from_dict(spec)
+        settings = parse_spec(spec)
+        if settings is None:
+            return cls(anyres_layout=anyres_layout)
+        return cls(settings.name, settings, anyres_layout=anyres_layout)

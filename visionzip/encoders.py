@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# normalised pixels ((x - mean) / std) stay within about 3 for CLIP and SigLIP; raw 0..255 values do not
+MAX_NORMALISED_PIXEL = 10.0
+
 
 class _StopEncoder(Exception):
     """Raised by the capture hook to skip the layers after the one we need."""
@@ -110,6 +113,25 @@ class VisionEncoderAdapter:
         if pixel_values.shape[0] == 0:
             raise ValueError("pixel_values holds an empty batch (B = 0)")
 
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Shape (``check_pixels``) and values: floating point, finite, normalised (|x| <= 10; a CLIP or
+        SigLIP processor's output stays within about 3). For the one-shot public functions: the checks
+        read the tensor on the host, which the model's own hot path (``run``) does not do."""
+        self.check_pixels(pixel_values)
+        if not pixel_values.dtype.is_floating_point:
+            raise ValueError(
+                f"pixel_values has dtype {pixel_values.dtype}: pass the image processor's normalised float "
+                "pixels, not raw 0..255 values"
+            )
+        if not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values holds NaN or infinite values")
+        peak = float(pixel_values.detach().abs().max())
+        if peak > MAX_NORMALISED_PIXEL:
+            raise ValueError(
+                f"pixel_values reaches |{peak:g}|, beyond the {MAX_NORMALISED_PIXEL:g} of normalised pixels: pass "
+                "the image processor's output (mean/std normalised), not raw 0..255 values"
+            )
+
     # ----- running --------------------------------------------------------------------------
     def run(
         self,
@@ -183,11 +205,21 @@ class SiglipEncoderAdapter(VisionEncoderAdapter):
     family = "siglip"
 
 
+def current_attention_implementation(model: nn.Module) -> str | None:
+    """The attention implementation a HF model runs with ("sdpa", "eager", ...). The one place this codebase
+    reads it: transformers 5 sets it with the public ``set_attn_implementation`` / ``attn_implementation=``
+    but exposes it only on the config, as ``attn_implementation`` where the version has that property."""
+    config = model.config
+    if hasattr(type(config), "attn_implementation"):
+        return config.attn_implementation
+    return config.__dict__.get("_attn_implementation_internal")
+
+
 @contextmanager
 def attention_implementation(model: nn.Module, implementation: str | None):
     """Run ``model`` with another attention implementation ("eager", "sdpa", ...) for the duration of
     the block, then restore its own. ``None`` keeps the model's own."""
-    current = getattr(model.config, "_attn_implementation", None)
+    current = current_attention_implementation(model)
     if implementation is None or implementation == current:
         yield model
         return

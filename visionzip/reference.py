@@ -66,12 +66,11 @@ def official_visionzip(vision_model, pixel_values: torch.Tensor, dominant: int, 
     return torch.cat([dominant_tokens, contextual_tokens], dim=1), keep
 
 
-def official_vispruner(vision_model, pixel_values: torch.Tensor, num_tokens: int, important_ratio: float = 0.5,
-                       select_layer: int = -2) -> torch.Tensor:
-    """Official VisPruner selection: the (B, P) keep mask over patch tokens."""
-    hidden, attn, _ = official_forward(vision_model, pixel_values, select_layer)
-    features = hidden[:, 1:]
-    scores = attn[:, :, 0, 1:].mean(dim=1)
+def official_vispruner_selection(scores: torch.Tensor, features: torch.Tensor, num_tokens: int,
+                                 important_ratio: float = 0.5) -> torch.Tensor:
+    """The official selection on given inputs: scores (B, P) (CLS attention, mean over heads), features
+    (B, P, C) (layer -2 patch features) -> the (B, P) keep mask (Theia-4869/VisPruner at aefa01a,
+    ``llava/model/llava_arch.py`` ``encode_images``)."""
     bsz, num_patches, _ = features.shape
     num_important = int(num_tokens * important_ratio)
     num_diverse = num_tokens - num_important
@@ -90,3 +89,16 @@ def official_vispruner(vision_model, pixel_values: torch.Tensor, num_tokens: int
         residual = torch.cat([residual[:, ::2].gather(1, survivors), residual[:, 1::2]], dim=-1)
     selected = torch.cat([important, residual], dim=-1) if num_diverse > 0 else important
     return torch.zeros(bsz, num_patches, dtype=torch.bool, device=features.device).scatter_(1, selected, True)
+
+
+def official_vispruner(vision_model, pixel_values: torch.Tensor, num_tokens: int, important_ratio: float = 0.5,
+                       select_layer: int = -2, return_tokens: bool = False) -> torch.Tensor:
+    """Official VisPruner: eager tower with all attentions, then the selection. Returns the (B, P) keep
+    mask over patch tokens (``return_tokens``: the (B, T, C) kept patch features in sequence order, what
+    the official code hands to the projector)."""
+    hidden, attn, _ = official_forward(vision_model, pixel_values, select_layer)
+    features = hidden[:, 1:]
+    mask = official_vispruner_selection(attn[:, :, 0, 1:].mean(dim=1), features, num_tokens, important_ratio)
+    if return_tokens:
+        return features[mask].view(features.shape[0], num_tokens, features.shape[-1])
+    return mask

@@ -24,9 +24,9 @@ import sys
 
 import torch
 
-from . import report
+from . import report, roofline, runner
 from .geometry import GEOMETRIES, get_geometry
-from .runner import STAGES, Settings, run_method
+from .runner import STAGES, Settings, run_compiled, run_method
 from .setup import BenchMethod, build_geometry_model, default_methods, load_model, make_inputs, parse_method
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", help="write a PNG plot here")
     parser.add_argument("--markdown", help="also write the markdown tables here")
     parser.add_argument("--in-process", action="store_true", help="one process, one model for all rows")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure the compiled path (llava.model.compiled: static KV cache + torch.compile, "
+                             "CUDA graphs on CUDA): a '+compile' row beside each eager row")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled rows (aot_eager: no code generation, smoke tests)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -89,8 +94,7 @@ def resolve_methods(specs: list[str] | None, anyres: bool) -> list[BenchMethod]:
     ordered = [m for m in methods if m.is_vanilla][:1] or [parse_method("none")]
     for method in methods:
         if method.official:
-            ours = parse_method(("vispruner:" if method.compression.method == "vispruner" else "visionzip:")
-                                + method.spec.split(":", 1)[1])
+            ours = parse_method(method.ours_spec)
             if all(m.spec != ours.spec for m in methods + ordered):
                 ordered.append(ours)
         if not method.is_vanilla and all(m.spec != method.spec for m in ordered):
@@ -115,17 +119,35 @@ def build_model(args):
 
 def settings_from(args) -> Settings:
     return Settings(repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, device=args.device,
-                    stages=tuple(args.stages))
+                    stages=tuple(args.stages), compile_backend=args.compile_backend)
+
+
+def method_rows(model, inputs, method: BenchMethod, args, compiled) -> list[dict]:
+    """The eager row of one method, and its compiled row with --compile (official rows: eager only)."""
+    rows = [run_method(model, inputs, method, settings_from(args))]
+    if compiled is not None and not method.official:
+        rows.append(run_compiled(model, inputs, method, settings_from(args), compiled))
+    return rows
+
+
+def compiled_runner(args, model):
+    if not args.compile:
+        return None
+    from llava.model.compiled import CompiledLlava
+
+    return CompiledLlava(model, backend=args.compile_backend)
 
 
 def run_rows_in_process(args, methods: list[BenchMethod]) -> list[dict]:
     model = build_model(args)
+    compiled = compiled_runner(args, model)
     rows = []
     for batch in args.batch:
         inputs = make_inputs(model, batch, args.text_tokens, args.image_size)
         for method in methods:
-            rows.append(run_method(model, inputs, method, settings_from(args)))
-            progress(rows[-1])
+            for row in method_rows(model, inputs, method, args, compiled):
+                rows.append(row)
+                progress(row)
     return rows
 
 
@@ -135,6 +157,8 @@ def worker_command(args, batch: int, method: BenchMethod) -> list[str]:
                "--warmup", str(args.warmup), "--new-tokens", str(args.new_tokens),
                "--text-tokens", str(args.text_tokens), "--image-size", "x".join(map(str, args.image_size)),
                "--stages", *args.stages]
+    if args.compile:
+        command += ["--compile", "--compile-backend", args.compile_backend]
     command += ["--model", args.model] if args.model else ["--geometry", args.geometry]
     if args.model_base:
         command += ["--model-base", args.model_base]
@@ -150,8 +174,9 @@ def run_rows_in_workers(args, methods: list[BenchMethod]) -> list[dict]:
             done = subprocess.run(worker_command(args, batch, method), capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"benchmark worker for {method.spec} (batch {batch}) failed:\n{done.stderr[-4000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            progress(rows[-1])
+            for row in json.loads(done.stdout.strip().splitlines()[-1]):
+                rows.append(row)
+                progress(row)
     return rows
 
 
@@ -178,11 +203,12 @@ def main(argv=None) -> dict:
     if args.worker:
         model = build_model(args)
         inputs = make_inputs(model, args.batch[0], args.text_tokens, args.image_size)
-        row = run_method(model, inputs, parse_method(args.methods[0]), settings_from(args))
-        print(json.dumps(row))
-        return {"rows": [row]}
+        rows = method_rows(model, inputs, parse_method(args.methods[0]), args, compiled_runner(args, model))
+        print(json.dumps(rows))
+        return {"rows": rows}
 
     methods = resolve_methods(args.methods, is_anyres_source(args))
+    peaks = roofline.device_peaks(args.device, DTYPES[args.dtype])  # before the rows: a quiet device
     meta = {
         "model": args.geometry or args.model, "geometry": args.geometry, "device": args.device, "dtype": args.dtype,
         "batches": args.batch, "methods": [m.spec for m in methods], "repeats": args.repeats, "warmup": args.warmup,
@@ -202,8 +228,14 @@ def main(argv=None) -> dict:
         meta["llm_layers_full_depth"] = full_depth
         for row in rows:
             row["llm_flops_full_depth"] = full_depth * row["llm_flops_per_layer"]
+            if "llm_visual_schedule" in row:  # in-LLM methods: their schedule at the real depth
+                row["llm_flops_full_depth"] = runner.schedule_flops(
+                    row, full_depth, row["shape_hidden"], row["shape_intermediate"])
+    meta["peaks"] = peaks.to_dict()
+    meta["compile"] = args.compile
+    roofline.add_bounds(rows, peaks, args.new_tokens)
     report.add_ratios(rows)
-    text = report.markdown_report(meta, rows)
+    text = report.markdown_report(meta, rows) + "\n" + roofline.markdown(peaks, rows) + "\n"
     print(text)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as handle:

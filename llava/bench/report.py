@@ -15,21 +15,31 @@ VANILLA_RATIOS = [
 ]
 
 
+def _spec_of(row: dict) -> str:
+    """The compression spec a row ran (rows saved before ``spec`` was recorded: parsed from ``method``)."""
+    if row.get("spec"):
+        return row["spec"]
+    from .setup import parse_method
+
+    return parse_method(row["method"]).ours_spec
+
+
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Add ratios to the vanilla row of the same batch, and, for ``official`` rows, how much faster and
     leaner our compression step is than the official one at the same budget (same batch)."""
     for row in rows:
-        base = next((r for r in rows if r["batch"] == row["batch"] and r["method"] == "none"), None)
+        # compiled rows (--compile) compare to the compiled vanilla row, eager rows to the eager one
+        base = next((r for r in rows if r["batch"] == row["batch"] and r["method"] == "none"
+                     and bool(r.get("compiled")) == bool(row.get("compiled"))), None)
         if base is not None:
             for key, value_key, speedup in VANILLA_RATIOS:
                 a, b = row.get(value_key), base.get(value_key)
                 if a and b:
                     row[key] = b / a if speedup else a / b
         if row.get("official"):
-            ours_spec = row["method"].split(":", 1)[1]
-            ours_method = "vispruner:" if row["method"].startswith("official-vispruner") else "visionzip:"
             ours = next(
-                (r for r in rows if r["batch"] == row["batch"] and r["method"] == ours_method + ours_spec), None
+                (r for r in rows if r["batch"] == row["batch"] and not r.get("official")
+                 and _spec_of(r) == _spec_of(row)), None
             )
             if ours is not None and ours.get("step_s") and row.get("step_s"):
                 row["ours_speedup_vs_official"] = row["step_s"] / ours["step_s"]
@@ -37,7 +47,43 @@ def add_ratios(rows: list[dict]) -> list[dict]:
                 row["ours_step_peak_mib"] = ours["step_peak_mib"]
                 if ours["step_peak_mib"] > 0:
                     row["official_mem_vs_ours"] = row["step_peak_mib"] / ours["step_peak_mib"]
+    add_compiled_ratios(rows)
     return rows
+
+
+# (ratio key, measured key): eager / compiled of the same method and batch (higher is better)
+COMPILED_RATIOS = [("compiled_prefill_speedup", "prefill_s"), ("compiled_decode_speedup", "decode_s_per_token"),
+                   ("compiled_ttft_speedup", "ttft_s"), ("compiled_generate_speedup", "generate_s")]
+
+
+def add_compiled_ratios(rows: list[dict]) -> list[dict]:
+    """For compiled rows: speedups over the eager row of the same method and batch, and generate's over
+    the eager vanilla row (the issue's "faster than today's eager vanilla")."""
+    for row in rows:
+        if not row.get("compiled"):
+            continue
+        eager = next((r for r in rows if not r.get("compiled") and r["batch"] == row["batch"]
+                      and r["method"] == row["method"]), None)
+        vanilla = next((r for r in rows if not r.get("compiled") and r["batch"] == row["batch"]
+                        and r["method"] == "none"), None)
+        for key, value_key in COMPILED_RATIOS:
+            if eager is not None and eager.get(value_key) and row.get(value_key):
+                row[key] = eager[value_key] / row[value_key]
+        if vanilla is not None and vanilla.get("generate_s") and row.get("generate_s"):
+            row["generate_speedup_vs_eager_vanilla"] = vanilla["generate_s"] / row["generate_s"]
+    return rows
+
+
+def compiled_table(rows: list[dict]) -> str:
+    header = ["batch", "method", "prefill bucket", "prefill vs eager", "decode vs eager", "TTFT vs eager",
+              "generate vs eager", "generate vs eager vanilla"]
+    lines = [[
+        str(r["batch"]), r["label"], fmt(r.get("prefill_bucket"), "d"),
+        fmt(r.get("compiled_prefill_speedup"), ".2f", suffix="x"), fmt(r.get("compiled_decode_speedup"), ".2f", suffix="x"),
+        fmt(r.get("compiled_ttft_speedup"), ".2f", suffix="x"), fmt(r.get("compiled_generate_speedup"), ".2f", suffix="x"),
+        fmt(r.get("generate_speedup_vs_eager_vanilla"), ".2f", suffix="x"),
+    ] for r in rows if r.get("compiled")]
+    return _table(header, lines) if lines else ""
 
 
 def fmt(value, spec: str = ".2f", scale: float = 1.0, suffix: str = "") -> str:
@@ -121,13 +167,14 @@ def markdown_report(meta: dict, rows: list[dict]) -> str:
         "three measured alternately in the same process; peak memory = live tensors (CPU) or "
         "max_memory_allocated (CUDA) above what was in use before):",
         "",
-        vision_table(rows),
+        vision_table([r for r in rows if not r.get("compiled")]),  # compiled rows share the eager image path
         "",
         "LLM side (GFLOPs: the paper's formula, per sample, for the layers run):",
         "",
         llm_table(rows),
     ]
-    for title, table in (("Ours vs the official path re-enacted (compression step):", official_table(rows)),
+    for title, table in (("Compiled path (--compile) vs eager, same run:", compiled_table(rows)),
+                         ("Ours vs the official path re-enacted (compression step):", official_table(rows)),
                          ("Lean-path audit (one profiled call):", audit_table(rows))):
         if table:
             parts += ["", title, "", table]

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode, resolve_name
 
+from visionzip import CompressionConfig
 from visionzip.profiling import PeakMemory, measure, measure_interleaved, synchronize, timed_call
 
 from .geometry import kv_cache_bytes, llm_layer_flops
+from .roofline import model_shape
 from .setup import BenchInputs, BenchMethod
 
 STAGES = ("vision", "projector", "prefill", "generate", "audit")
@@ -37,6 +39,7 @@ class Settings:
     new_tokens: int = 16
     device: str = "cpu"
     stages: tuple[str, ...] = STAGES
+    compile_backend: str = "inductor"  # for the compiled rows (--compile)
 
 
 def cache_bytes(cache) -> int:
@@ -161,20 +164,15 @@ def compression_step(model, inputs: BenchInputs, method: BenchMethod):
     views = inputs.views
     c = method.compression
     if method.official:
-        from visionzip.reference import official_visionzip, official_vispruner
-
-        if c.method == "visionzip":
-            return lambda: official_visionzip(tower.vision_tower, views, c.dominant, c.contextual)[0]
-        return lambda: official_vispruner(tower.vision_tower, views, c.tokens, c.important_ratio)
+        return lambda: c.settings.reference_tokens(tower.vision_tower, views, tower.select_layer)
     return lambda: tower.encode(views, c if c.enabled else None)[0]
 
 
 def merge_shape(tower, compression) -> tuple[int, int] | None:
-    """(contextual, remaining - contextual): the one-hot operand's last two dims in the official merge."""
-    if compression.method != "visionzip":
+    """The last two dims of the dense merge operand the official code path builds, if any."""
+    if not compression.enabled:
         return None
-    remaining = tower.num_patches + 1 - compression.dominant
-    return compression.contextual, remaining - compression.contextual
+    return compression.settings.reference_merge_shape(tower.num_patches + int(tower.has_cls))
 
 
 def run_method(model, inputs: BenchInputs, method: BenchMethod, settings: Settings) -> dict:
@@ -188,10 +186,12 @@ def run_method(model, inputs: BenchInputs, method: BenchMethod, settings: Settin
     hidden, intermediate = int(config.hidden_size), int(config.intermediate_size)
     views_per_sample = inputs.views.shape[0] // inputs.batch
     row: dict = {
-        "method": method.spec, "label": method.label, "official": method.official, "batch": inputs.batch,
+        "method": method.spec, "spec": c.spec(), "label": method.label, "official": method.official,
+        "batch": inputs.batch,
         "views_per_sample": views_per_sample, "text_tokens": inputs.text_tokens, "llm_layers": layers,
         "dtype": str(tower.dtype).replace("torch.", ""), "device": device,
     }
+    row.update(model_shape(model))  # for the roofline bounds (llava.bench.roofline)
     step = compression_step(model, inputs, method)
     repeats, warmup = settings.repeats, settings.warmup
     with torch.no_grad():
@@ -218,11 +218,7 @@ def run_method(model, inputs: BenchInputs, method: BenchMethod, settings: Settin
                 step_mem_vs_original=stepm.peak_mib / max(originalm.peak_mib, 1e-9),
             )
         if "projector" in settings.stages:
-            if method.official and c.method == "vispruner":
-                features = torch.zeros(inputs.views.shape[0], c.tokens, tower.hidden_size, dtype=tower.dtype,
-                                       device=inputs.views.device)
-            else:
-                features = step()
+            features = step()
             projector = model.get_model().mm_projector
             row["projector_s"] = measure(lambda: projector(features), repeats=repeats, warmup=warmup, device=device).median
 
@@ -231,17 +227,24 @@ def run_method(model, inputs: BenchInputs, method: BenchMethod, settings: Settin
             visual = views_per_sample * c.tokens_per_image
             row.update(visual_tokens=visual, seq_len=visual + inputs.text_tokens)
         else:
-            _, position_ids, attention_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
-                inputs.input_ids, None, None, None, None, inputs.images, inputs.image_sizes, padding_side="left"
+            spliced = model.splice_multimodal(
+                inputs.input_ids, inputs.images, inputs.image_sizes, padding_side="left"
             )
+            embeds, attention_mask, position_ids = spliced.inputs_embeds, spliced.attention_mask, spliced.position_ids
             row.update(seq_len=embeds.shape[1], visual_tokens=embeds.shape[1] - inputs.text_tokens)
         n = row["seq_len"]
         row.update(
             llm_flops_per_layer=llm_layer_flops(n, hidden, intermediate),
             llm_flops=layers * llm_layer_flops(n, hidden, intermediate),
         )
+        if c.enabled and c.settings.stage == "llm":
+            # in-LLM methods: FastV's formula, the visual tokens of each layer from the method's schedule
+            row["llm_view_tokens"] = tower.num_patches
+            row["llm_visual_schedule"] = c.settings.llm_token_schedule(layers, row["visual_tokens"], tower.num_patches)
+            row["llm_flops"] = schedule_flops(row, layers, hidden, intermediate)
+            row["llm_flops_per_layer"] = row["llm_flops"] / layers
         if not method.official and "prefill" in settings.stages:
-            row.update(measure_prefill_decode(model, embeds, attention_mask, position_ids, settings))
+            row.update(measure_prefill_decode(model, embeds, attention_mask, position_ids, settings, spliced.visual_mask))
             heads = int(config.num_attention_heads)
             row["kv_cache_analytic_mib"] = mib(kv_cache_bytes(
                 n, layers, int(getattr(config, "num_key_value_heads", None) or heads), hidden // heads,
@@ -253,17 +256,27 @@ def run_method(model, inputs: BenchInputs, method: BenchMethod, settings: Settin
     return row
 
 
-def measure_prefill_decode(model, embeds, attention_mask, position_ids, settings: Settings) -> dict:
+def schedule_flops(row: dict, layers: int, hidden: int, intermediate: int) -> int:
+    """An in-LLM method's prefill FLOPs over ``layers`` layers: text tokens plus the visual tokens its
+    schedule gives each layer (``row["spec"]``, ``row["visual_tokens"]``, ``row["llm_view_tokens"]``)."""
+    settings = CompressionConfig.parse(row["spec"]).settings
+    text = row["seq_len"] - row["visual_tokens"]
+    schedule = settings.llm_token_schedule(layers, row["visual_tokens"], row["llm_view_tokens"])
+    return sum(llm_layer_flops(text + visual, hidden, intermediate) for visual in schedule)
+
+
+def measure_prefill_decode(model, embeds, attention_mask, position_ids, settings: Settings, visual_mask=None) -> dict:
     """Prefill, then ``new_tokens`` greedy decode steps on its cache, timed apart. Every round needs a
     fresh prefill for a fresh cache: ``warmup`` rounds, one untimed prefill watching peak memory (and the
-    KV cache it builds), then ``repeats`` timed rounds."""
+    KV cache it builds), then ``repeats`` timed rounds. ``visual_mask``: where the visual tokens sit (in-LLM
+    methods prune in the prefill; the KV cache measured is the pruned one)."""
     device = settings.device
     holder = {}
 
     def prefill():
         holder["out"] = model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=1, visual_mask=visual_mask,
         )
 
     def decode():
@@ -274,7 +287,7 @@ def measure_prefill_decode(model, embeds, attention_mask, position_ids, settings
         decode()
     with PeakMemory(device) as memory:
         prefill()
-    kv = cache_bytes(holder.pop("out").past_key_values)
+    kv = cache_bytes(holder.pop("out").cache)
     prefill_times, decode_times = [], []
     for _ in range(settings.repeats):
         prefill_times.append(timed_call(prefill, device))
@@ -287,7 +300,7 @@ def measure_prefill_decode(model, embeds, attention_mask, position_ids, settings
 
 def decode_steps(model, out, attention_mask, position_ids, steps: int) -> None:
     """Greedy decoding on ``out``'s cache; the next token stays on the device (no host round trip)."""
-    cache = out.past_key_values
+    cache = out.cache
     token = out.logits[:, -1:].argmax(dim=-1)
     positions = None if position_ids is None else position_ids[:, -1:]
     for _ in range(steps):
@@ -296,7 +309,7 @@ def decode_steps(model, out, attention_mask, position_ids, steps: int) -> None:
         if positions is not None:
             positions = positions + 1
         out = model(input_ids=token, attention_mask=attention_mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(dim=-1)
 
 
@@ -331,12 +344,78 @@ def audit_method(model, inputs: BenchInputs, method: BenchMethod, step) -> dict:
     if not method.official:
         # the whole image path of a request: encode + projector + splice into the text embeddings
         def splice():
-            model.prepare_inputs_labels_for_multimodal(
-                inputs.input_ids, None, None, None, None, inputs.images, inputs.image_sizes, padding_side="left"
-            )
+            model.splice_multimodal(inputs.input_ids, inputs.images, inputs.image_sizes, padding_side="left")
 
         whole = audit_call(splice, tower.vision_tower, num_tokens, shape, inputs.views.device.type)
         out["audit_request_host_syncs"] = whole["host_syncs"]
         out["audit_request_host_sync_calls"] = whole["host_sync_calls"]
         out["audit_request_tower_passes"] = whole["tower_passes"]
     return out
+
+
+# ----- the compiled path (--compile) --------------------------------------------------------------
+def run_compiled(model, inputs: BenchInputs, method: BenchMethod, settings: Settings, compiled) -> dict:
+    """The LLM side of one method on the compiled path (``llava.model.compiled.CompiledLlava``), measured
+    as the eager row is: prefill (bucket-padded, static cache), decode per token, TTFT and generate(N).
+    The image path is eager in both, so the vision stages are not repeated. Warm-up is at least 2 rounds:
+    the first compiles (and on CUDA the next records the graphs)."""
+    import math
+
+    from llava.model.compiled import CACHE_ROUNDING, bucket_length
+
+    model.set_visual_compression(method.compression)
+    config = model.config
+    layers, hidden, intermediate = int(config.num_hidden_layers), int(config.hidden_size), int(config.intermediate_size)
+    row: dict = {
+        "method": method.spec, "spec": method.compression.spec(), "label": method.label + " +compile",
+        "official": False, "compiled": True, "compile_backend": compiled.backend, "compile_mode": compiled.mode,
+        "batch": inputs.batch, "views_per_sample": inputs.views.shape[0] // inputs.batch,
+        "text_tokens": inputs.text_tokens, "llm_layers": layers,
+        "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""), "device": settings.device,
+    }
+    row.update(model_shape(model))
+    device, new_tokens = settings.device, settings.new_tokens
+    warmup = max(settings.warmup, 2)
+    with torch.no_grad():
+        embeds, mask = compiled.prompt_embeddings(inputs.input_ids, inputs.images, inputs.image_sizes, None)
+        n = embeds.shape[1]
+        bucket = bucket_length(n, compiled.buckets)
+        row.update(seq_len=n, visual_tokens=n - inputs.text_tokens, prefill_bucket=bucket,
+                   llm_flops_per_layer=llm_layer_flops(n, hidden, intermediate),
+                   llm_flops=layers * llm_layer_flops(n, hidden, intermediate))
+        if "prefill" in settings.stages:
+            cache_len = math.ceil((bucket + new_tokens) / CACHE_ROUNDING) * CACHE_ROUNDING
+            embed_tokens = model.get_input_embeddings()
+            holder = {}
+
+            def prefill():
+                holder["session"] = compiled.session(inputs.batch, cache_len)
+                holder["token"] = holder["session"].feed(embeds, mask).argmax(dim=-1)
+
+            def decode():
+                session, token = holder.pop("session"), holder.pop("token")
+                for _ in range(new_tokens):
+                    token = session.feed(embed_tokens(token[:, None])).argmax(dim=-1)
+
+            for _ in range(warmup):
+                prefill()
+                decode()
+            prefill_times, decode_times = [], []
+            for _ in range(settings.repeats):
+                prefill_times.append(timed_call(prefill, device))
+                decode_times.append(timed_call(decode, device) / new_tokens)
+            row.update(prefill_s=statistics.median(prefill_times), decode_s_per_token=statistics.median(decode_times),
+                       kv_cache_mib=mib(cache_bytes(compiled.cache_for(inputs.batch, cache_len))))
+        if "generate" in settings.stages:
+            common = dict(images=inputs.images, image_sizes=inputs.image_sizes, eos_token_id=None)
+            holder = {}
+
+            def full():  # eos_token_id=None: every run decodes N tokens (min_new_tokens of the eager row)
+                holder["ids"] = compiled.generate(inputs.input_ids, max_new_tokens=new_tokens, **common)
+
+            ttft = measure(lambda: compiled.generate(inputs.input_ids, max_new_tokens=1, **common),
+                           repeats=settings.repeats, warmup=warmup, device=device)
+            gen = measure(full, repeats=settings.repeats, warmup=warmup, device=device)
+            row.update(ttft_s=ttft.median, generate_s=gen.median, generate_peak_mib=gen.peak_mib,
+                       generated_tokens=int(holder["ids"].shape[-1]))
+    return row

@@ -13,8 +13,10 @@ from visionzip import CompressionConfig
 
 from .geometry import NEXT_GRID_PINPOINTS, Geometry
 
-# Methods whose compression step is the official code path re-enacted (visionzip.reference).
-OFFICIAL_PREFIXES = {"official": "visionzip", "official-vispruner": "vispruner"}
+# Rows whose compression step is the method's official code path re-enacted (``settings.reference_tokens``):
+# ``official:SPEC`` for any method spec; ``official:D,C`` is VisionZip's legacy form, ``official-METHOD:ARGS``
+# is ``official:METHOD:ARGS``.
+OFFICIAL_PREFIX = "official"
 
 
 @dataclass(frozen=True)
@@ -33,24 +35,28 @@ class BenchMethod:
 
     @property
     def label(self) -> str:
-        c = self.compression
-        if c.method == "visionzip":
-            name = f"visionzip {c.dominant}+{c.contextual}"
-        elif c.method == "vispruner":
-            name = f"vispruner {c.tokens}"
-        else:
-            return "vanilla"
-        return f"official {name}" if self.official else name
+        label = self.compression.label()
+        return f"official {label}" if self.official else label
+
+    @property
+    def ours_spec(self) -> str:
+        """For an official row, the spec of our own implementation at the same settings."""
+        return self.compression.spec()
 
 
 def parse_method(spec: str) -> BenchMethod:
-    """``none`` | ``visionzip:D,C`` | ``vispruner:T[,ratio]`` | ``official:D,C`` (official VisionZip
-    re-enacted) | ``official-vispruner:T[,ratio]``."""
+    """A ``--compression`` spec (``none``, ``METHOD:TOKENS``, ``METHOD:key=value,...``), or
+    ``official:SPEC`` for the method's official code path re-enacted (``official:54,10`` and
+    ``official-vispruner:64`` are the legacy forms)."""
     head, _, rest = spec.partition(":")
-    if head in OFFICIAL_PREFIXES:
+    if head == OFFICIAL_PREFIX or head.startswith(OFFICIAL_PREFIX + "-"):
         if not rest:
-            raise ValueError(f"{spec!r}: give the budget, e.g. official:54,10 or official-vispruner:64")
-        return BenchMethod(spec, CompressionConfig.parse(f"{OFFICIAL_PREFIXES[head]}:{rest}"), official=True)
+            raise ValueError(f"{spec!r}: give the settings, e.g. official:visionzip:64 or official:vispruner:64")
+        inner = rest if head == OFFICIAL_PREFIX else f"{head[len(OFFICIAL_PREFIX) + 1:]}:{rest}"
+        compression = CompressionConfig.parse(inner)
+        if not compression.enabled:
+            raise ValueError(f"{spec!r}: the official path needs a method")
+        return BenchMethod(spec, compression, official=True)
     return BenchMethod(spec, CompressionConfig.parse(spec))
 
 
@@ -58,8 +64,8 @@ def default_methods(anyres: bool) -> list[str]:
     """The paper's budgets: per image for LLaVA-1.5 (64/128/192), per crop for LLaVA-NeXT (160/320/640
     over 5 views), VisPruner at 64, and the official path at the smallest budget."""
     if anyres:
-        return ["none", "visionzip:27,5", "visionzip:54,10", "visionzip:108,20", "vispruner:32", "official:27,5"]
-    return ["none", "visionzip:54,10", "visionzip:108,20", "visionzip:162,30", "vispruner:64", "official:54,10"]
+        return ["none", "visionzip:32", "visionzip:64", "visionzip:128", "vispruner:32", "official:visionzip:32"]
+    return ["none", "visionzip:64", "visionzip:128", "visionzip:192", "vispruner:64", "official:visionzip:64"]
 
 
 # ----- models -----------------------------------------------------------------------------------

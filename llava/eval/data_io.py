@@ -2,6 +2,12 @@
 
 Every reader raises a ``ValueError`` naming the file and the line when the content is not what the
 benchmark format says, so that a bad download or a half-written answers file fails loudly.
+
+Input schemas: a jsonl line must hold one JSON object; an answers record (``read_answers``) must have a
+``question_id`` (string or integer) and a ``text`` string, and an answers file that looks like a question
+file (records with ``image`` but none of the fields generation writes) is refused; a question list must be
+non-empty and without repeated ids (``require_questions``). Scores are never computed over zero or
+repeated questions.
 """
 from __future__ import annotations
 
@@ -45,18 +51,74 @@ def read_jsonl(path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{line_no} is not a JSON line: {err}") from err
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{path}:{line_no} holds a JSON {type(record).__name__}, expected one JSON object per line "
+                    "(jsonl); a file written as one JSON array must be converted to one record per line"
+                )
+            records.append(record)
     return records
 
 
+# Fields llava.eval.generate (and the original LLaVA model_vqa scripts) write into every answer record.
+GENERATION_FIELDS = ("prompt", "answer_id", "model_id")
+
+
+def check_answer_record(record: dict, where: str) -> None:
+    """An answer: ``question_id`` a string or an integer, ``text`` a string."""
+    require_fields(record, ("question_id", "text"), where)
+    qid = record["question_id"]
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+        raise ValueError(f"{where}: question_id must be a string or an integer, got {qid!r}")
+    if not isinstance(record["text"], str):
+        raise ValueError(f"{where}: 'text' must be the answer string, got {record['text']!r}")
+
+
+def read_answers(path, fields: Iterable[str] = ()) -> list[dict]:
+    """The records of an answers file, each checked (``check_answer_record`` and ``fields``); refuses an
+    empty file and a question file passed as the answers."""
+    records = read_jsonl(path)
+    if not records:
+        raise ValueError(f"answers file {path} is empty: nothing to score")
+    for line_no, record in enumerate(records, 1):
+        where = f"{path} answer #{line_no}"
+        check_answer_record(record, where)
+        require_fields(record, fields, where)
+    if all("image" in r for r in records) and not any(f in r for r in records for f in GENERATION_FIELDS):
+        raise ValueError(
+            f"{path} looks like a question file, not answers: its records have 'image' but none of "
+            f"{list(GENERATION_FIELDS)}, which generation writes; pass the answers jsonl of llava.eval.generate"
+        )
+    return records
+
+
+def require_questions(keys: list, what: str, path) -> list:
+    """A non-empty list of question keys without repeats (a repeated question would count twice)."""
+    if not keys:
+        raise ValueError(f"{path} has no {what} questions: nothing to score")
+    seen, repeated = set(), []
+    for key in keys:
+        if key in seen:
+            repeated.append(key)
+        seen.add(key)
+    if repeated:
+        shown = ", ".join(repr(k) for k in repeated[:5])
+        raise ValueError(f"{path} repeats {len(repeated)} {what} question id(s), e.g. {shown}: each must appear once")
+    return keys
+
+
 def write_jsonl(path, records: Iterable[dict]) -> Path:
+    """Write all records at once, atomically (a reader never sees half a file)."""
+    from llava.utils_io import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    with atomic_write(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
 
@@ -89,7 +151,9 @@ def write_tsv(path, rows: list[dict], fieldnames: list[str]) -> Path:
     return path
 
 
-def require_fields(record: dict, fields: Iterable[str], where: str) -> None:
+def require_fields(record, fields: Iterable[str], where: str) -> None:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got a {type(record).__name__}")
     missing = [field for field in fields if field not in record]
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing}; the record has {sorted(record)}")
@@ -112,9 +176,7 @@ def index_unique(records: Iterable[dict], key_of, what: str) -> dict:
 
 def answers_by_id(path, key_of=None) -> dict:
     """Answers of a generation output file keyed by ``question_id`` (or by ``key_of(record)``)."""
-    records = read_jsonl(path)
-    for line_no, record in enumerate(records, 1):
-        require_fields(record, ("question_id", "text"), f"{path} answer #{line_no}")
+    records = read_answers(path)
     return index_unique(records, key_of or (lambda r: r["question_id"]), f"answers file {path}")
 
 
@@ -145,3 +207,17 @@ def settings_path_for(answers_file) -> Path:
     answers_file = Path(answers_file)
     stem = answers_file.name[: -len(".jsonl")] if answers_file.name.endswith(".jsonl") else answers_file.name
     return answers_file.with_name(stem + ".settings.json")
+
+
+def lock_path_for(answers_file) -> Path:
+    """The lock a generation run holds on its answers file: ``answers.jsonl`` -> ``answers.jsonl.lock``."""
+    answers_file = Path(answers_file)
+    return answers_file.with_name(answers_file.name + ".lock")
+
+
+def answers_lock(answers_file):
+    """An exclusive ``llava.utils_io.FileLock`` on an answers file: a second generation of the same shard
+    (launched twice by mistake) is refused instead of appending duplicate answers."""
+    from llava.utils_io import FileLock
+
+    return FileLock(lock_path_for(answers_file), what=f"answers file {answers_file}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 from pathlib import Path
 
 from . import scoring
@@ -41,6 +42,8 @@ def external_result(benchmark: str, score: float, metric: str | None = None, sou
     """A results record for a score computed elsewhere (evaluation server, GPT judge)."""
     spec = get_benchmark(benchmark)
     metric = metric or spec.headline
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) or score < 0:
+        raise ValueError(f"--score must be a finite number >= 0 (as the server or judge reported it), got {score!r}")
     result = {
         "benchmark": benchmark,
         "metric": metric,

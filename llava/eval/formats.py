@@ -28,6 +28,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from llava.mm_utils import to_rgb
+
 from .data_io import read_json, read_jsonl, read_tsv, require_fields
 from .scoring import MMBENCH_LETTERS, is_missing, mmbench_options, rotate
 
@@ -65,7 +67,7 @@ def _image_file_loader(folder: str | None, name: str, where: str) -> Callable[[]
         if not path.is_file():
             raise FileNotFoundError(f"image {path} of {where} does not exist (check --image-folder)")
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image, str(path))
 
     return load
 
@@ -74,7 +76,7 @@ def _base64_loader(data: str, where: str) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
         try:
             with Image.open(BytesIO(base64.b64decode(data))) as image:
-                return image.convert("RGB")
+                return to_rgb(image, where)
         except (ValueError, OSError) as err:
             raise ValueError(f"{where}: the image column is not a base64-encoded image ({err})") from err
 

@@ -9,7 +9,7 @@
 - formats: ``vqa`` / ``science`` / ``mmbench`` / ``mmmu`` (``llava.eval.formats``); the LLaVA names
   ``python -m llava.eval.model_vqa_loader`` (vqa), ``model_vqa`` (vqa, long answers), ``model_vqa_science``,
   ``model_vqa_mmbench`` and ``model_vqa_mmmu`` are this command with the format preset.
-- compression: ``--compression none | visionzip:D,C | vispruner:T[,ratio]`` or ``--method M --budget B
+- compression: ``--compression none | METHOD:TOKENS | METHOD:key=value,...`` or ``--method M --budget B
   --budget-family v1.5|v1.6`` (the paper's budgets, ``llava.eval.budgets``).
 - batches of ``--batch-size`` questions, left-padded; ``--num-chunks/--chunk-idx`` shards the questions.
 - resumable: questions already in the answers file are skipped (a run cut short is simply run again);
@@ -99,7 +99,18 @@ def batches(items: Sequence[EvalItem], batch_size: int) -> list[list[EvalItem]]:
     return out
 
 
-def run_generation(
+def run_generation(*args, **kwargs) -> dict:
+    """``generate_answers`` holding the answers file's lock (``data_io.answers_lock``): the same shard
+    launched twice at once is refused instead of writing its answers twice."""
+    from .data_io import answers_lock
+
+    answers_file = kwargs["answers_file"] if "answers_file" in kwargs else args[2]
+    Path(answers_file).parent.mkdir(parents=True, exist_ok=True)
+    with answers_lock(answers_file):
+        return generate_answers(*args, **kwargs)
+
+
+def generate_answers(
     items: Sequence[EvalItem],
     fmt: QuestionFormat,
     answers_file,
@@ -184,12 +195,13 @@ class LlavaAnswerer:
 
     def __init__(self, model_path: str, model_base: str | None, conv_mode: str, compression, device: str,
                  dtype: str, temperature: float = 0.0, top_p: float | None = None, num_beams: int = 1,
-                 max_new_tokens: int = 128, seed: int = 0):
+                 max_new_tokens: int = 128, seed: int = 0, compile: bool = False):
         import torch
 
         from llava.conversation import conv_templates
         from llava.mm_utils import get_model_name_from_path
         from llava.model.builder import load_pretrained_model
+        from llava.processor import LlavaProcessor
 
         if conv_mode not in conv_templates:
             raise ValueError(f"unknown --conv-mode {conv_mode!r}; known: {sorted(conv_templates)}")
@@ -203,55 +215,29 @@ class LlavaAnswerer:
             torch_dtype=self.dtype,
         )
         self.model.eval()
-        self.conv_template = conv_templates[conv_mode]
+        self.processor = LlavaProcessor.from_model(self.model, self.tokenizer, self.image_processor, conv_mode)
         self.temperature, self.top_p, self.num_beams = temperature, top_p, num_beams
         self.max_new_tokens = max_new_tokens
         torch.manual_seed(seed)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.tokenizer.unk_token_id or 0)
+        self.pad_id = self.processor.pad_token_id
+        from llava.model.compiled import generate_function
+
+        # --compile: the static-cache, torch.compile path (llava.model.compiled); same arguments and output
+        self.generate = generate_function(self.model, compile)
 
     def prompt_for(self, item: EvalItem) -> str:
-        from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-
-        question = item.question
-        if item.has_image:
-            token = DEFAULT_IMAGE_TOKEN
-            if getattr(self.model.config, "mm_use_im_start_end", False):
-                token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-            question = token + "\n" + question
-        conv = self.conv_template.copy()
-        conv.append_message(conv.roles[0], question)
-        conv.append_message(conv.roles[1], None)
-        return conv.get_prompt()
+        return self.processor.build_prompt(item.question, 1 if item.has_image else 0)
 
     def __call__(self, batch: list[EvalItem]) -> list[tuple[str, int]]:
         torch = self.torch
-        from llava.constants import IMAGE_TOKEN_INDEX
-        from llava.mm_utils import process_images, tokenizer_image_token
-
-        ids = [tokenizer_image_token(self.prompt_for(item), self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
-               for item in batch]
-        width = max(len(x) for x in ids)
-        # left padding: every prompt ends where generation starts
-        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, width - len(x):] = x
-            attention_mask[row, width - len(x):] = 1
-        kwargs = {}
-        if batch[0].has_image:
-            pil_images = [item.load_image() for item in batch]
-            pixels = process_images(pil_images, self.image_processor, self.model.config)
-            if isinstance(pixels, list):
-                pixels = [p.to(self.device, dtype=self.dtype) for p in pixels]
-            else:
-                pixels = pixels.to(self.device, dtype=self.dtype)
-            kwargs = {"images": pixels, "image_sizes": [image.size for image in pil_images]}
+        questions = [item.question for item in batch]
+        images = [item.load_image() for item in batch] if batch[0].has_image else None
+        inputs = self.processor(questions, images)
+        input_ids, width = inputs.input_ids.cpu(), inputs.input_ids.shape[1]
+        kwargs = inputs.generate_kwargs()
         sampling = self.temperature > 0
         with torch.inference_mode():
-            output_ids = self.model.generate(
-                input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
+            output_ids = self.generate(
                 do_sample=sampling,
                 temperature=self.temperature if sampling else None,
                 top_p=self.top_p if sampling else None,
@@ -321,34 +307,83 @@ def build_parser(default_format: str | None = None, default_max_new_tokens: int 
     parser.add_argument("--all-rounds", action="store_true", help="MMBench: one round per option, rotated")
     parser.add_argument("--lang", default="en", choices=["en", "cn"], help="MMBench hint language")
     parser.add_argument("--compression", default=None,
-                        help="none | visionzip:D,C | vispruner:T[,ratio] (see visionzip.CompressionConfig.parse)")
-    parser.add_argument("--method", default=None, help="none | visionzip | vispruner, with --budget")
-    parser.add_argument("--budget", default=None, help="paper token budget (64, 128, 192; NeXT 160, 320, 640) or D,C")
-    parser.add_argument("--budget-family", default="v1.5", choices=["v1.5", "v1.6"],
-                        help="which paper budget table --budget refers to")
+                        help="none | METHOD:TOKENS | METHOD:key=value,... (any registered method; TOKENS per "
+                             "image, per view on LLaVA-NeXT)")
+    parser.add_argument("--method", default=None, help="a registered method (or none), with --budget")
+    parser.add_argument("--budget", default=None,
+                        help="total visual tokens per image (64; NeXT 160 = 5 views) or per-view settings")
+    parser.add_argument("--budget-family", default=None, choices=["v1.5", "v1.6"],
+                        help="which budget family --budget refers to (default: the checkpoint's: anyres = v1.6)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="discard existing answers instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from llava.model.compiled import add_compile_argument
+
+    add_compile_argument(parser)
     return parser
 
 
-def resolve_compression(args) -> tuple[object, dict]:
-    """The CompressionConfig and the budget description to record, from --compression or --method/--budget."""
+def checkpoint_config(model_path: str, model_base: str | None = None) -> dict:
+    """The checkpoint's ``config.json`` as a dict, read without loading the model ({} when unreadable)."""
+    for path in (model_path, model_base):
+        if not path:
+            continue
+        if os.path.isdir(path):
+            file = os.path.join(path, "config.json")
+        else:
+            try:
+                from huggingface_hub import hf_hub_download
+
+                file = hf_hub_download(path, "config.json")
+            except Exception:  # noqa: BLE001 (offline, private, or not a hub id: decided after loading)
+                continue
+        if os.path.isfile(file):
+            try:
+                config = read_json(file)
+            except ValueError:
+                continue
+            if isinstance(config, dict) and "image_aspect_ratio" in config:
+                return config
+    return {}
+
+
+def resolve_compression(args, image_aspect_ratio: str | None = None) -> tuple[object, dict]:
+    """The CompressionConfig and the budget description to record, from --compression or --method/--budget.
+
+    The budget family comes from the checkpoint (``image_aspect_ratio``: anyres = v1.6, 5 views per image);
+    an explicit ``--budget-family`` that contradicts it is refused. What is recorded is what runs: the
+    method's per-view settings, the views an image can have, and the visual tokens per image at most.
+    """
     from visionzip.config import CompressionConfig
 
-    from .budgets import resolve_budget
+    from .budgets import FAMILIES, family_of, resolve_budget
 
     if args.compression is not None and args.method is not None:
         raise ValueError("give either --compression or --method/--budget, not both")
+    family = family_of(image_aspect_ratio) if image_aspect_ratio is not None else None
+    if family and args.budget_family and args.budget_family != family:
+        raise ValueError(
+            f"--budget-family {args.budget_family} contradicts the checkpoint {args.model_path} "
+            f"(image_aspect_ratio {image_aspect_ratio!r} = {family}); leave --budget-family out"
+        )
+    family = family or args.budget_family or "v1.5"
+    views = FAMILIES[family][0]
     if args.method is not None:
-        run = resolve_budget(args.method, args.budget, args.budget_family)
-        return run.compression, {"method": run.method, "budget_label": run.label,
-                                 "visual_tokens": run.visual_tokens, "budget_family": args.budget_family}
-    config = CompressionConfig.parse(args.compression or "none")
-    return config, {"method": config.method, "budget_label": None, "visual_tokens": None,
-                    "budget_family": args.budget_family}
+        run = resolve_budget(args.method, args.budget, family)
+        config, method, label = run.compression, run.method, run.label
+    else:
+        config = CompressionConfig.parse(args.compression or "none")
+        method, label = config.method, None
+    per_view = config.tokens_per_image if config.enabled else None
+    most = None if per_view is None else views * per_view
+    return config, {
+        "method": method, "budget_label": label, "budget_family": family,
+        "image_aspect_ratio": image_aspect_ratio, "views_per_image_max": views,
+        "compression_per_view": config.spec() if config.enabled else "none",
+        "visual_tokens_per_view": per_view, "visual_tokens": most, "max_visual_tokens_per_image": most,
+    }
 
 
 def main(argv=None, default_format: str | None = None, default_max_new_tokens: int = 128,
@@ -356,7 +391,13 @@ def main(argv=None, default_format: str | None = None, default_max_new_tokens: i
     parser = build_parser(default_format, default_max_new_tokens, prog)
     args = parser.parse_args(argv)
     try:
-        compression, budget = resolve_compression(args)
+        from llava.preflight import check_generation_options
+
+        check_generation_options(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        image_aspect_ratio = checkpoint_config(args.model_path, args.model_base).get("image_aspect_ratio")
+        compression, budget = resolve_compression(args, image_aspect_ratio)
         fmt = get_format(args.format)
         options = ReaderOptions(args.image_folder, args.single_pred_prompt, args.all_rounds, args.lang)
         items = read_items(fmt, args.question_file, options, args.num_chunks, args.chunk_idx)
@@ -383,6 +424,7 @@ def main(argv=None, default_format: str | None = None, default_max_new_tokens: i
         "num_chunks": args.num_chunks,
         "chunk_idx": args.chunk_idx,
         "seed": args.seed,
+        "compile": args.compile,
         "device": device,
         "dtype": resolve_dtype(args.dtype, device),
         "host": platform.node(),
@@ -397,16 +439,31 @@ def main(argv=None, default_format: str | None = None, default_max_new_tokens: i
             try:  # checks the settings and marks the shard complete (a crash may have left it "running")
                 return run_generation(items, fmt, answers_file, _nothing_to_answer, settings, args.batch_size,
                                       progress=False)
-            except ValueError as err:
+            except (ValueError, OSError) as err:
                 parser.exit(2, f"error: {err}\n")
     answerer = LlavaAnswerer(
         args.model_path, args.model_base, args.conv_mode, compression, args.device, args.dtype,
-        args.temperature, args.top_p, args.num_beams, args.max_new_tokens, args.seed,
+        args.temperature, args.top_p, args.num_beams, args.max_new_tokens, args.seed, compile=args.compile,
     )
+    loaded_aspect = getattr(answerer.model.config, "image_aspect_ratio", None)
+    if image_aspect_ratio is None and loaded_aspect is not None:
+        # config.json could not be read before loading: record what ran, or stop if the budget was split
+        # for another family than the loaded checkpoint's
+        try:
+            loaded_compression, loaded_budget = resolve_compression(args, loaded_aspect)
+            if loaded_compression.to_dict() != compression.to_dict():
+                raise ValueError(
+                    f"the budget was split for {budget['budget_family']} before the checkpoint's config could be "
+                    f"read, but {args.model_path} is {loaded_budget['budget_family']}: pass --budget-family "
+                    f"{loaded_budget['budget_family']}"
+                )
+        except ValueError as err:
+            parser.exit(2, f"error: {err}\n")
+        settings.update(loaded_budget)
     try:
         record = run_generation(items, fmt, answers_file, answerer, settings, args.batch_size, args.overwrite,
                                 model_id=answerer.model_name, progress=not args.no_progress)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"{answers_file}: {record['num_answered']}/{record['num_questions']} answered, "
           f"{record['generation_seconds']:.1f} s generating")

@@ -2,16 +2,26 @@
 
     python -m llava.eval.merge_answers --output .../merge.jsonl .../4_0.jsonl .../4_1.jsonl ...
 
-Unlike a plain ``cat``, it refuses shards that did not finish (their settings say so), shards made with
-different settings, and questions answered twice, so a crashed GPU shows up here rather than as a
-silently lower score.
+Unlike a plain ``cat``, it refuses shards that did not finish (their settings say so) or are still being
+written (their lock is held), shards made with different settings, a set of shards that is not exactly
+chunks 0..num_chunks-1 once each, a shard whose answers do not match its question count, questions
+answered twice, and an ``--output`` that is one of the shards; so a crashed GPU or a forgotten shard
+shows up here rather than as a silently lower score. The merged file is written atomically.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .data_io import read_json, read_jsonl, settings_path_for, write_json, write_jsonl
+from .data_io import (
+    answers_lock,
+    lock_path_for,
+    read_json,
+    read_jsonl,
+    settings_path_for,
+    write_json,
+    write_jsonl,
+)
 from .formats import get_format
 
 PER_SHARD = ("answers_file", "status", "num_questions", "num_answered", "started_at", "finished_at",
@@ -21,8 +31,18 @@ PER_SHARD = ("answers_file", "status", "num_questions", "num_answered", "started
 def merge_answers(chunk_files: list, output) -> dict:
     if not chunk_files:
         raise ValueError("no answer shards to merge")
+    output = Path(output)
+    inputs = {p.resolve() for path in map(Path, chunk_files) for p in (path, settings_path_for(path))}
+    if output.resolve() in inputs or settings_path_for(output).resolve() in inputs:
+        raise ValueError(f"--output {output} is one of the shards (or its settings file); write the merge elsewhere")
     shards = []
     for path in map(Path, chunk_files):
+        if lock_path_for(path).exists():
+            try:
+                with answers_lock(path):  # a lock left by a dead process is taken over and released
+                    pass
+            except FileExistsError as err:
+                raise ValueError(f"{path} is still being generated: {err.strerror}") from err
         settings_file = settings_path_for(path)
         if not settings_file.is_file():
             raise FileNotFoundError(f"{settings_file} is missing: was {path} written by llava.eval.generate?")
@@ -39,18 +59,41 @@ def merge_answers(chunk_files: list, output) -> dict:
         if differing:
             raise ValueError(f"{path} was generated with other settings than {shards[0][0]}: {differing}")
 
+    num_chunks = common.get("num_chunks", 1)
+    chunk_ids = [settings.get("chunk_idx", 0) for _, settings, _ in shards]
+    repeated = sorted({c for c in chunk_ids if chunk_ids.count(c) > 1})
+    if repeated:
+        twice = [str(p) for (p, _, _), c in zip(shards, chunk_ids) if c == repeated[0]]
+        raise ValueError(
+            f"chunk(s) {repeated} given more than once: its questions would be answered in both {twice[0]} and "
+            f"{twice[1]}"
+        )
+    missing = sorted(set(range(num_chunks)) - set(chunk_ids))
+    if missing:
+        raise ValueError(
+            f"the questions were split into --num-chunks {num_chunks}, but chunk(s) {missing} are missing; give "
+            f"all {num_chunks} shards (got chunks {sorted(chunk_ids)})"
+        )
+    stray = sorted(set(chunk_ids) - set(range(num_chunks)))
+    if stray:
+        raise ValueError(f"chunk index(es) {stray} are outside 0..{num_chunks - 1}")
+
     fmt = get_format(common["format"])
     seen: dict[str, Path] = {}
     merged = []
-    for path, _, records in shards:
+    for path, settings, records in shards:
+        if len(records) != settings.get("num_questions"):
+            raise ValueError(
+                f"{path} holds {len(records)} answers but its settings count {settings.get('num_questions')} "
+                "questions: the shard was changed after generation, or written twice at once"
+            )
         for record in records:
             key = fmt.answer_key(record)
             if key in seen:
-                raise ValueError(f"question {key} is answered in both {seen[key]} and {path}")
+                raise ValueError(f"question {key} is answered twice ({seen[key]} and {path})")
             seen[key] = path
             merged.append(record)
 
-    output = Path(output)
     write_jsonl(output, merged)
     summary = {
         **common,
@@ -73,7 +116,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         summary = merge_answers(args.chunks, args.output)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"merged {len(args.chunks)} shard(s), {summary['num_answered']} answers -> {args.output}")
 

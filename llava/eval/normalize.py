@@ -57,6 +57,13 @@ def _contractions() -> dict[str, str]:
 CONTRACTIONS = _contractions()
 
 
+def require_text(text, what: str = "answer") -> str:
+    """``text`` if it is a string; a ValueError naming what it is otherwise (a ``null`` answer, say)."""
+    if not isinstance(text, str):
+        raise ValueError(f"the {what} must be a string, got {type(text).__name__} {text!r}")
+    return text
+
+
 def _strip_punctuation(text: str) -> str:
     out = text
     strip_everywhere = DIGIT_COMMA_DIGIT.search(text) is not None
@@ -77,7 +84,7 @@ def _digits_articles_contractions(text: str) -> str:
 
 def normalize_vqa_answer(answer: str) -> str:
     """The official VQA answer normalisation (see the module docstring)."""
-    text = str(answer).lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = require_text(answer).lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return _digits_articles_contractions(_strip_punctuation(text))
 
@@ -88,7 +95,7 @@ def vqa_accuracy(prediction: str, ground_truths: list[str]) -> float:
     if not ground_truths:
         raise ValueError("vqa_accuracy needs at least one ground-truth answer")
     pred = normalize_vqa_answer(prediction)
-    truths = [normalize_vqa_answer(gt) for gt in ground_truths]
+    truths = [normalize_vqa_answer(require_text(gt, "ground-truth answer")) for gt in ground_truths]
     matches = sum(truth == pred for truth in truths)
     total = 0.0
     for truth in truths:
@@ -100,6 +107,7 @@ def vqa_accuracy(prediction: str, ground_truths: list[str]) -> float:
 def parse_yes_no(text: str) -> str:
     """LLaVA's POPE reading of a free answer: first sentence, commas dropped; "no" if it contains the word
     "No", "no" or "not", else "yes"."""
+    require_text(text)
     first = text.split(".")[0] if "." in text else text
     words = first.replace(",", "").split(" ")
     return "no" if ("No" in words or "no" in words or "not" in words) else "yes"
@@ -108,7 +116,7 @@ def parse_yes_no(text: str) -> str:
 def parse_mme_yes_no(text: str) -> str:
     """MME's reading: the lower-cased answer if it is exactly yes/no, else yes/no if one appears in its
     first four characters, else "other" (always wrong)."""
-    pred = text.strip().lower()
+    pred = require_text(text).strip().lower()
     if pred in ("yes", "no"):
         return pred
     head = pred[:4]
@@ -133,7 +141,7 @@ def extract_choice(text: str, options: list[str] | None = None, num_options: int
     if num_options is None:
         num_options = len(options) if options is not None else len(OPTION_LETTERS)
     allowed = OPTION_LETTERS[:num_options]
-    answer = text.strip()
+    answer = require_text(text).strip()
     if not answer:
         return None
     match = _LEADING_LETTER.match(answer)

@@ -21,8 +21,19 @@ from .benchmarks import BENCHMARKS, get_benchmark
 from .budgets import FAMILIES, VANILLA_LABEL
 from .data_io import read_json
 
-METHOD_NAMES = {"none": "Vanilla", "visionzip": "VisionZip", "vispruner": "VisPruner"}
-# Averages relative to vanilla reported by the papers (SPEC.md, "Paper numbers"), keyed by
+
+VANILLA_METHODS = frozenset({"none"})
+
+
+def method_display_name(method: str) -> str:
+    """A method's name for tables: its settings class's ``display_name`` (``Vanilla`` for none)."""
+    if method in VANILLA_METHODS:
+        return "Vanilla"
+    from visionzip import get_method, registered_methods
+
+    return (get_method(method).display_name or method) if method in registered_methods() else method
+
+# Averages relative to vanilla reported by the papers (VisionZip arXiv 2412.04467 Tables 1-2, VisPruner arXiv 2412.01818 Table 1), keyed by
 # (family, method, total visual tokens). VisPruner's are over 10 benchmarks, VisionZip's over 11.
 PAPER_AVERAGES = {
     ("v1.5", "visionzip", 192): 98.5,
@@ -49,11 +60,11 @@ class Row:
 
     @property
     def is_vanilla(self) -> bool:
-        return self.method == "none"
+        return self.method in VANILLA_METHODS
 
     @property
     def label(self) -> str:
-        return METHOD_NAMES.get(self.method, self.method)
+        return method_display_name(self.method)
 
 
 def _tokens_from(budget: str, generation: dict | None) -> tuple[int | None, str | None]:
@@ -61,11 +72,11 @@ def _tokens_from(budget: str, generation: dict | None) -> tuple[int | None, str 
     tokens = (generation or {}).get("visual_tokens")
     if tokens is None:
         if budget == VANILLA_LABEL:
-            tokens = FAMILIES.get(family or "v1.5")[2]
+            tokens = FAMILIES.get(family or "v1.5")[1]
         elif budget.isdigit():
             tokens = int(budget)
         elif "-" in budget and all(p.isdigit() for p in budget.split("-")):
-            crops = FAMILIES.get(family or "v1.5")[1]
+            crops = FAMILIES.get(family or "v1.5")[0]
             tokens = crops * sum(int(p) for p in budget.split("-"))
     return tokens, family
 
@@ -217,13 +228,16 @@ def plot(path: Path, model: str, rows: list[Row], columns: list[str]) -> Path:
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), squeeze=False)
     vanilla = next((r for r in rows if r.is_vanilla), None)
     methods = sorted({r.method for r in rows if not r.is_vanilla})
+    by_method: dict[str, list[Row]] = {}
+    for r in rows:
+        by_method.setdefault(r.method, []).append(r)
     for ax, b in zip(axes.flat, columns):
         for method in methods:
-            points = sorted((r.visual_tokens, r.scores[b]) for r in rows
-                            if r.method == method and b in r.scores and r.visual_tokens)
+            points = sorted((r.visual_tokens, r.scores[b]) for r in by_method[method]
+                            if b in r.scores and r.visual_tokens)
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", label=METHOD_NAMES.get(method, method))
+                ax.plot(xs, ys, marker="o", label=method_display_name(method))
         if vanilla is not None and b in vanilla.scores:
             ax.axhline(vanilla.scores[b], color="gray", linestyle="--", linewidth=1,
                        label=f"Vanilla ({vanilla.visual_tokens} tokens)")

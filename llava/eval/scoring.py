@@ -4,9 +4,12 @@ Each ``score_<benchmark>`` returns a dict ``{"benchmark", "score", "metric", "me
 ``score`` is the headline number the paper tables use (on a 0-100 scale, or MME's 0-2800 points),
 ``metrics`` holds everything else (per split / category / subtask). Answers are always matched to
 annotations by question id (never by line order) and a question without an answer is an error.
+Inputs are checked against their schema first (``llava.eval.data_io``: one JSON object per line, answers
+with a string ``text``, no empty or repeated question lists), and no score is computed over zero questions.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -16,10 +19,12 @@ from .data_io import (
     check_coverage,
     check_known,
     index_unique,
+    read_answers,
     read_json,
     read_jsonl,
     read_tsv,
     require_fields,
+    require_questions,
 )
 from .normalize import (
     extract_choice,
@@ -32,6 +37,8 @@ SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
 
 
 def _result(benchmark: str, metric: str, metrics: dict, num_questions: int) -> dict:
+    if num_questions < 1:
+        raise ValueError(f"{benchmark}: no questions were scored; a score over zero questions is not a score")
     return {
         "benchmark": benchmark,
         "metric": metric,
@@ -54,8 +61,11 @@ def _expected_ids(question_file, annotation_ids, what: str) -> list[str]:
     """The questions to score: those of the question file when given (it may be a subset of the
     annotations), else every annotated question."""
     if question_file is None:
-        return list(annotation_ids)
-    ids = [_str_id(q) for q in read_jsonl(question_file)]
+        return require_questions(list(annotation_ids), what, "the annotations")
+    questions = read_jsonl(question_file)
+    for n, q in enumerate(questions, 1):
+        require_fields(q, ("question_id",), f"{question_file} question #{n}")
+    ids = require_questions([_str_id(q) for q in questions], what, question_file)
     check_known(ids, set(annotation_ids), what, question_file)
     return ids
 
@@ -106,14 +116,12 @@ def score_textvqa(annotation_file, result_file, question_file=None) -> dict:
             f"{annotation_file}: wrong annotation file or split?"
         )
 
-    records = read_jsonl(result_file)
-    for n, record in enumerate(records, 1):
-        require_fields(record, ("question_id", "text"), f"{result_file} answer #{n}")
+    records = read_answers(result_file)
     answers = index_unique(records, lambda r: resolve(r, "prompt"), f"answers file {result_file}")
     if question_file is None:
-        expected = list(by_id)
+        expected = require_questions(list(by_id), "TextVQA", annotation_file)
     else:
-        expected = [resolve(q, "text") for q in read_jsonl(question_file)]
+        expected = require_questions([resolve(q, "text") for q in read_jsonl(question_file)], "TextVQA", question_file)
     check_coverage(expected, answers, "TextVQA", result_file)
     scores = [vqa_accuracy(answers[qid]["text"], by_id[qid]["answers"]) for qid in expected]
     return _result("textvqa", "accuracy", {"accuracy": _pct(sum(scores), len(scores))}, len(scores))
@@ -133,6 +141,8 @@ def score_gqa(annotation_file, result_file, question_file=None) -> dict:
     if not isinstance(annotations, dict):
         raise ValueError(f"{annotation_file}: expected GQA questions {{question_id: {{'answer': ...}}}}")
     annotations = {str(k): v for k, v in annotations.items()}
+    if not annotations:
+        raise ValueError(f"{annotation_file} holds no GQA questions: nothing to score")
     answers = _load_answers(result_file)
     check_known(answers, annotations, "GQA", result_file)
     expected = _expected_ids(question_file, annotations, "GQA")
@@ -196,6 +206,7 @@ def score_pope(annotation_dir, question_file, result_file) -> dict:
     questions = read_jsonl(question_file)
     for n, q in enumerate(questions, 1):
         require_fields(q, ("question_id", "image", "text", "category"), f"{question_file} question #{n}")
+    require_questions([_str_id(q) for q in questions], "POPE", question_file)
     questions_by_id = index_unique(questions, _str_id, f"POPE question file {question_file}")
     answers = _load_answers(result_file)
     check_known(answers, questions_by_id, "POPE question-file", result_file)
@@ -283,10 +294,9 @@ def score_mme(gt_dir, question_file, result_file) -> dict:
     questions = read_jsonl(question_file)
     for n, q in enumerate(questions, 1):
         require_fields(q, ("question_id", "text"), f"{question_file} question #{n}")
+    require_questions([mme_key(q) for q in questions], "MME", question_file)
     questions_by_key = index_unique(questions, mme_key, f"MME question file {question_file}")
-    answer_records = read_jsonl(result_file)
-    for n, record in enumerate(answer_records, 1):
-        require_fields(record, ("question_id", "prompt", "text"), f"{result_file} answer #{n}")
+    answer_records = read_answers(result_file, ("prompt",))
     answers = index_unique(answer_records, mme_key, f"answers file {result_file}")
     check_known(answers, questions_by_key, "MME question-file", result_file)
     check_coverage(questions_by_key, answers, "MME", result_file)
@@ -346,7 +356,7 @@ def score_scienceqa(base_dir, result_file, split: str = "test") -> dict:
     splits = read_json(base_dir / "pid_splits.json")
     if split not in splits:
         raise ValueError(f"{base_dir / 'pid_splits.json'} has no split {split!r}; it has {sorted(splits)}")
-    ids = [str(i) for i in splits[split]]
+    ids = require_questions([str(i) for i in splits[split]], f"ScienceQA {split}-split", base_dir / "pid_splits.json")
     check_known(ids, problems, "ScienceQA problems.json", base_dir / "pid_splits.json")
     answers = _load_answers(result_file)
     check_known(answers, set(ids), f"ScienceQA {split}-split", result_file)
@@ -451,10 +461,9 @@ def score_mmbench(annotation_file, result_file) -> dict:
                 f"{annotation_file}:{n} has no answer: a test split is scored by the MMBench server "
                 "(use `python -m llava.eval.convert mmbench-submission`)"
             )
+    require_questions([str(r["index"]) for r in rows], "MMBench", annotation_file)
     rows_by_index = index_unique(rows, lambda r: str(r["index"]), f"MMBench tsv {annotation_file}")
-    answer_records = read_jsonl(result_file)
-    for n, record in enumerate(answer_records, 1):
-        require_fields(record, ("question_id", "text"), f"{result_file} answer #{n}")
+    answer_records = read_answers(result_file)
     answers = index_unique(answer_records, mmbench_key, f"answers file {result_file}")
     check_known({key[0] for key in answers}, rows_by_index, "MMBench", result_file)
     all_rounds = any(round_id > 0 for _, round_id in answers)
@@ -534,6 +543,7 @@ def score_mmmu(question_file, result_file) -> dict:
     questions = read_jsonl(question_file)
     for n, q in enumerate(questions, 1):
         require_fields(q, ("question_id", "answer"), f"{question_file} question #{n}")
+    require_questions([_str_id(q) for q in questions], "MMMU", question_file)
     by_id = index_unique(questions, _str_id, f"MMMU question file {question_file}")
     answers = _load_answers(result_file)
     check_known(answers, by_id, "MMMU question-file", result_file)
@@ -573,7 +583,12 @@ def score_llavabench_reviews(review_file, question_file=None) -> dict:
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     for n, review in enumerate(reviews, 1):
         require_fields(review, ("tuple",), f"{review_file} review #{n}")
-        reference, model = (float(x) for x in review["tuple"])
+        pair = review["tuple"]
+        if not isinstance(pair, list) or len(pair) != 2 or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in pair
+        ):
+            raise ValueError(f"{review_file} review #{n}: 'tuple' must be [reference score, model score], got {pair!r}")
+        reference, model = (float(x) for x in pair)
         category = review.get("category") or categories.get(str(review.get("question_id")), "unknown")
         for group in ("all", category):
             sums[group][0] += reference

@@ -16,13 +16,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, BitsAndBytesConfig
 from transformers.utils import is_flash_attn_2_available
 
 from visionzip import CompressionConfig
 
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from .llava_arch import load_weights_file
 from .multimodal_encoder.builder import resolve_vision_tower_path
 from .tokenizer import load_tokenizer
@@ -35,7 +35,12 @@ FULL_WEIGHTS = (
 )
 PROJECTOR_WEIGHTS = ("mm_projector.safetensors", "mm_projector.bin")
 NON_LORA_WEIGHTS = ("non_lora_trainables.safetensors", "non_lora_trainables.bin")
-LLAVA_MODEL_TYPES = ("llava_llama",)
+# model_type of an original LLaVA checkpoint -> (config class, model class)
+LLAVA_CLASSES = {
+    "llava_llama": (LlavaConfig, LlavaLlamaForCausalLM),
+    "llava_mistral": (LlavaMistralConfig, LlavaMistralForCausalLM),
+}
+LLAVA_MODEL_TYPES = tuple(LLAVA_CLASSES)
 
 
 @dataclass
@@ -107,7 +112,9 @@ def default_attn_implementation(device: str, dtype: torch.dtype) -> str:
 
 
 def _llava_config(path: str) -> LlavaConfig:
-    config = LlavaConfig.from_pretrained(path)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+        model_type = json.load(handle).get("model_type")
+    config = LLAVA_CLASSES.get(model_type, LLAVA_CLASSES["llava_llama"])[0].from_pretrained(path)
     config.mm_vision_tower = resolve_vision_tower_path(config.mm_vision_tower, path)
     return config
 
@@ -195,11 +202,13 @@ def load_pretrained_model(
 
     if info.kind == "llava":
         tokenizer = load_tokenizer(info.path)
-        model = LlavaLlamaForCausalLM.from_pretrained(info.path, config=_llava_config(info.path), **load_kwargs)
+        config = _llava_config(info.path)
+        model = LLAVA_CLASSES[config.model_type][1].from_pretrained(info.path, config=config, **load_kwargs)
     elif info.kind == "projector":
         base = local_checkpoint_dir(model_base)
         tokenizer = load_tokenizer(base)
-        model = LlavaLlamaForCausalLM.from_pretrained(base, config=_llava_config(info.path), **load_kwargs)
+        config = _llava_config(info.path)
+        model = LLAVA_CLASSES[config.model_type][1].from_pretrained(base, config=config, **load_kwargs)
         projector = load_weights_file(_first_existing(info.path, PROJECTOR_WEIGHTS))
         _load_partial(model, projector, "projector")
     else:
@@ -233,7 +242,7 @@ def _load_lora(info: CheckpointInfo, model_base: str, load_kwargs: dict):
         base_vocab = json.load(handle).get("vocab_size", config.vocab_size)
     trained_vocab = config.vocab_size
     config.vocab_size = base_vocab
-    model = LlavaLlamaForCausalLM.from_pretrained(base, config=config, **load_kwargs)
+    model = LLAVA_CLASSES[config.model_type][1].from_pretrained(base, config=config, **load_kwargs)
     _resize_vocab(model, trained_vocab)
     non_lora = _first_existing(info.path, NON_LORA_WEIGHTS)
     if non_lora:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,16 +23,59 @@ from llava.constants import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
 )
-from llava.mm_utils import get_anyres_image_grid_shape
 from visionzip import CompressedTokens, CompressionConfig
 
-from .anyres import compressed_spatial_layout, official_layout, spatial_features
+from .anyres import anyres_image_features
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_projector.builder import build_vision_projector
 
 logger = logging.getLogger(__name__)
 
 MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
+
+
+@dataclass
+class ProjectedTokens:
+    """Stage 2 of the image pipeline: each view's tokens in the LLM's embedding space.
+
+    tokens: (V, T, hidden) projected tokens of V views. compressed: the method's ``CompressedTokens`` of
+    the same views (encoder space, with the kept positions the anyres layouts need), or None when the
+    tower's output was not compressed.
+    """
+
+    tokens: torch.Tensor
+    compressed: CompressedTokens | None
+
+    def slice(self, start: int, stop: int) -> ProjectedTokens:
+        part = slice(start, stop)
+        if self.compressed is None:
+            return ProjectedTokens(self.tokens[part], None)
+        compressed = dataclasses.replace(
+            self.compressed, tokens=self.compressed.tokens[part], keep_indices=self.compressed.keep_indices[part]
+        )
+        return ProjectedTokens(self.tokens[part], compressed)
+
+
+@dataclass
+class ImageFeatures:
+    """Stage 3: what ``get_image_features`` returns. per_image: one (T_i, hidden) tensor per image, laid
+    out as the LLM sees it; views: the projected tokens of every view (all images' views, in order)."""
+
+    per_image: list[torch.Tensor]
+    views: ProjectedTokens
+
+
+@dataclass
+class SplicedInputs:
+    """The LLM's input after the splice. inputs_embeds (B, N, hidden); attention_mask (B, N) or None when
+    nothing is padded and none was given; position_ids (B, N) or None likewise; labels (B, N) or None;
+    visual_mask (B, N) bool, True where a visual token sits (in-LLM methods select among these)."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    labels: torch.Tensor | None
+    visual_mask: torch.Tensor
 
 
 def newline_init_std(hidden_size: int) -> float:
@@ -136,119 +180,101 @@ class LlavaMetaForCausalLM(ABC):
 
     # ----- compression settings ----------------------------------------------------------------
     def get_visual_compression(self) -> CompressionConfig:
-        """The compression this model applies, from ``config.visual_compression`` (absent: none)."""
-        return CompressionConfig.from_dict(getattr(self.config, "visual_compression", None))
+        """The compression this model applies, from ``config.visual_compression`` (absent: none), parsed
+        once and cached until the config entry changes."""
+        raw = getattr(self.config, "visual_compression", None)
+        cached = self.__dict__.get("_visual_compression_cache")
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        config = CompressionConfig.from_dict(raw)
+        self.__dict__["_visual_compression_cache"] = (dict(raw) if isinstance(raw, dict) else raw, config)
+        return config
 
     def set_visual_compression(self, config: CompressionConfig | dict | str | None):
-        """Set the visual-token compression (what ``visionzip.visionzip(model, ...)`` calls).
+        """Set the visual-token compression (what ``visionzip.apply_compression(model, SPEC)`` calls).
 
-        ``config``: a ``CompressionConfig``, its dict, a spec string ("54,10", "vispruner:64", "none") or
-        None (no compression). The budget is checked against the vision tower (ValueError naming the value
-        and the limit); the setting is stored in ``config.visual_compression`` and saved with the model.
+        ``config``: a ``CompressionConfig``, its dict, a spec string ("visionzip:64", "fastv:64", "none") or
+        None (no compression). The budget is checked against the vision tower and the LLM (ValueError naming
+        the value and the limit); the setting is stored in ``config.visual_compression`` and saved with the
+        model.
         """
-        if config is None:
-            config = CompressionConfig()
-        elif isinstance(config, str):
-            config = CompressionConfig.parse(config)
-        elif isinstance(config, dict):
-            config = CompressionConfig.from_dict(config)
-        elif not isinstance(config, CompressionConfig):
+        if config is not None and not isinstance(config, (CompressionConfig, dict, str)):
             raise ValueError(f"expected a CompressionConfig, dict, spec string or None, got {type(config).__name__}")
-        config.validate()
+        config = CompressionConfig.parse(config).validate()
         tower = self.get_vision_tower()
         if tower is None:
             raise ValueError("this model has no vision tower, so there are no visual tokens to compress")
-        tower.check_compression(config)
+        self.check_compression(config)
         self.config.visual_compression = config.to_dict()
         return self
 
-    # ----- image encoding ----------------------------------------------------------------------
-    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, CompressedTokens | None]:
-        """images (B, 3, S, S) -> (projected features (B, T, hidden), compressed or None).
+    def check_compression(self, config: CompressionConfig) -> None:
+        """Budget limits of ``config`` against this model's tower and LLM, before anything runs."""
+        if not config.enabled:
+            return
+        if config.settings.stage == "llm":
+            config.settings.check_llm(int(self.config.num_hidden_layers))
+        else:
+            self.get_vision_tower().check_compression(config)
 
-        The tower runs once for the whole batch; with compression on (``config.visual_compression``), each
-        image is compressed on its own and ``compressed`` carries the projected tokens and their positions.
+    # ----- the image pipeline -------------------------------------------------------------------
+    def get_image_features(self, pixel_values, image_sizes=None) -> ImageFeatures:
+        """The one image pipeline: pixels -> the visual tokens each image contributes to the LLM.
+
+        pixel_values: (B, 3, S, S) (one view per image) or, for anyres, a (B, 1 + crops, 3, S, S) tensor or a
+        list of (1 + crops_i, 3, S, S) tensors (base image first, then the crops row by row).
+        Stages: the tower (with any vision-side compression; ``VisionTower.encode``) -> encoder-space tokens
+        per view; the projector -> ``ProjectedTokens``; the per-image layout (``llava.model.anyres``) ->
+        ``ImageFeatures.per_image``, one (T_i, hidden) tensor per image in the order given.
         """
-        tower = self.get_vision_tower()
-        compression = self.get_visual_compression()
-        tower.check_compression(compression)
-        features, compressed = tower.encode(images, compression)
+        views, counts = _stack_views(pixel_values)
+        projected = self.project_views(views)
+        merge_type = getattr(self.config, "mm_patch_merge_type", "flat")
+        if merge_type not in MERGE_TYPES:
+            raise ValueError(f"unknown mm_patch_merge_type {merge_type!r}; use one of {MERGE_TYPES}")
+        if counts is None:
+            per_image = list(projected.tokens.unbind(0))
+        elif merge_type == "flat":
+            per_image = [f.flatten(0, 1) for f in projected.tokens.split(counts, dim=0)]
+        else:
+            per_image = self._spatial_layouts(projected, counts, image_sizes, merge_type)
+        return ImageFeatures(per_image, projected)
+
+    def project_views(self, views: torch.Tensor) -> ProjectedTokens:
+        """Views (V, 3, S, S) -> the tower's (compressed) tokens of each view, projected into the LLM's
+        embedding space: ``ProjectedTokens`` (V, T, hidden). The tower runs once for all views."""
+        tokens, compressed = self.get_vision_tower().encode(views, self.get_visual_compression())
         projector = self.get_model().mm_projector
         weight = next(projector.parameters(), None)
         if weight is not None and weight.dtype.is_floating_point:
-            features = features.to(weight.dtype)
-        features = projector(features)
-        if compressed is not None:
-            compressed = dataclasses.replace(compressed, tokens=features)
-        return features, compressed
+            tokens = tokens.to(weight.dtype)
+        return ProjectedTokens(projector(tokens), compressed)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, S, S) -> projected visual tokens (B, T, hidden), compressed if configured."""
-        return self.encode_image_tokens(images)[0]
+        """images (B, 3, S, S) -> projected visual tokens (B, T, hidden) (the original LLaVA's call)."""
+        return self.project_views(images).tokens
 
-    def image_features_per_image(self, images, image_sizes=None) -> list[torch.Tensor]:
-        """Visual tokens of each image, (T_i, hidden) each, in the order the images are given.
-
-        images: (B, 3, S, S) (one view per image) or, for anyres, a (B, 1 + crops, 3, S, S) tensor or a list
-        of (1 + crops_i, 3, S, S) tensors (base image first, then the crops row by row).
-        """
-        if not (isinstance(images, list) or images.ndim == 5):
-            return list(self.encode_images(images).unbind(0))
-        views = [image.unsqueeze(0) if image.ndim == 3 else image for image in images]
-        counts = [view.shape[0] for view in views]
-        features, compressed = self.encode_image_tokens(torch.cat(views, dim=0))
-        merge_type = getattr(self.config, "mm_patch_merge_type", "flat")
-        if merge_type == "flat":
-            return [f.flatten(0, 1) for f in features.split(counts, dim=0)]
-        if not merge_type.startswith("spatial"):
-            raise ValueError(f"unknown mm_patch_merge_type {merge_type!r}; use one of {MERGE_TYPES}")
+    def _spatial_layouts(self, projected: ProjectedTokens, counts, image_sizes, merge_type: str) -> list[torch.Tensor]:
         if image_sizes is None:
             raise ValueError("anyres images with a spatial mm_patch_merge_type need image_sizes (width, height)")
-        if len(image_sizes) != len(views):
-            raise ValueError(f"got {len(views)} images but {len(image_sizes)} image_sizes")
-        out = []
-        start = 0
-        for count, size in zip(counts, image_sizes):
-            part = slice(start, start + count)
-            start += count
-            crops = None if compressed is None else _slice_compressed(compressed, part)
-            out.append(self._spatial_image_features(features[part], crops, size, merge_type))
-        return out
-
-    def _spatial_image_features(
-        self, features: torch.Tensor, compressed: CompressedTokens | None, image_size, merge_type: str
-    ) -> torch.Tensor:
-        """One anyres image: features (1 + K, T, hidden) of its base view and K crops -> (N, hidden)."""
-        newline = self.get_model().image_newline if "unpad" in merge_type else None
-        base = features[0]
-        if features.shape[0] == 1:
-            return base if newline is None else torch.cat([base, newline[None].to(base.dtype)], dim=0)
-        if getattr(self.config, "image_aspect_ratio", None) != "anyres":
-            raise ValueError(
-                f"{features.shape[0]} views per image need image_aspect_ratio 'anyres', "
-                f"not {getattr(self.config, 'image_aspect_ratio', None)!r}"
-            )
+        if len(image_sizes) != len(counts):
+            raise ValueError(f"got {len(counts)} images but {len(image_sizes)} image_sizes")
         tower = self.get_vision_tower()
-        side = tower.num_patches_per_side
-        grid_cols, grid_rows = get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints, tower.image_size)
-        if grid_rows * grid_cols != features.shape[0] - 1:
-            raise ValueError(
-                f"image of size {tuple(image_size)} has a {grid_rows} x {grid_cols} crop grid but "
-                f"{features.shape[0] - 1} crops were given"
-            )
-        if compressed is None:
-            if base.shape[0] != side * side:
-                raise ValueError(
-                    f"the spatial layout needs {side * side} patch tokens per view, got {base.shape[0]} "
-                    "(mm_vision_select_feature must be 'patch')"
+        newline = self.get_model().image_newline if "unpad" in merge_type else None
+        layout = self.get_visual_compression().anyres_layout
+        out, start = [], 0
+        for count, size in zip(counts, image_sizes):
+            views = projected.slice(start, start + count)
+            start += count
+            out.append(
+                anyres_image_features(
+                    views.tokens, views.compressed, size, newline, layout,
+                    image_aspect_ratio=getattr(self.config, "image_aspect_ratio", None),
+                    grid_pinpoints=getattr(self.config, "image_grid_pinpoints", None),
+                    image_size_px=tower.image_size, side=tower.num_patches_per_side,
                 )
-            return torch.cat([base, spatial_features(features[1:], grid_rows, grid_cols, side, image_size, newline)])
-        crops = _slice_compressed(compressed, slice(1, None))
-        if self.get_visual_compression().anyres_layout == "official":
-            grid = official_layout(crops, grid_rows, grid_cols, side)
-        else:
-            grid = compressed_spatial_layout(crops, grid_rows, grid_cols, side, image_size, newline)
-        return torch.cat([base, grid], dim=0)
+            )
+        return out
 
     # ----- the multimodal splice ---------------------------------------------------------------
     def prepare_inputs_labels_for_multimodal(
@@ -262,29 +288,38 @@ class LlavaMetaForCausalLM(ABC):
         image_sizes=None,
         padding_side: str | None = None,
     ):
-        """Replace each ``IMAGE_TOKEN_INDEX`` in ``input_ids`` by that image's visual tokens.
-
-        Returns ``(None, position_ids, attention_mask, past_key_values, inputs_embeds, labels)``: sequences
-        re-padded to the longest (on ``padding_side``, default ``config.tokenizer_padding_side``), labels
-        ``IGNORE_INDEX`` over image tokens and padding, everything cut at ``tokenizer_model_max_length``.
-        Images are consumed in order; a sample without ``<image>`` either consumes none, or one dummy
-        image (the original training collator's zero image) when there is one image per such sample.
-        """
+        """The original LLaVA's signature, kept for callers and checkpoints' code: returns
+        ``(None, position_ids, attention_mask, past_key_values, inputs_embeds, labels)``. New code calls
+        ``splice_multimodal`` and gets a ``SplicedInputs``."""
         vision_tower = self.get_vision_tower()
         if vision_tower is None or images is None or input_ids.shape[1] == 1:
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
-        image_features = self.image_features_per_image(images, image_sizes)
-        position_ids, attention_mask, inputs_embeds, labels = self.splice_image_features(
-            input_ids, position_ids, attention_mask, labels, image_features, padding_side
+        spliced = self.splice_multimodal(input_ids, images, image_sizes, attention_mask, position_ids, labels, padding_side)
+        return None, spliced.position_ids, spliced.attention_mask, past_key_values, spliced.inputs_embeds, spliced.labels
+
+    def splice_multimodal(
+        self, input_ids, images, image_sizes=None, attention_mask=None, position_ids=None, labels=None,
+        padding_side: str | None = None,
+    ) -> SplicedInputs:
+        """Encode ``images`` (``get_image_features``) and put each image's visual tokens in place of its
+        ``IMAGE_TOKEN_INDEX`` in ``input_ids``."""
+        features = self.get_image_features(images, image_sizes)
+        return self.splice_image_features(
+            input_ids, position_ids, attention_mask, labels, features.per_image, padding_side
         )
-        return None, position_ids, attention_mask, past_key_values, inputs_embeds, labels
 
     def splice_image_features(
         self, input_ids, position_ids, attention_mask, labels, image_features, padding_side: str | None = None
-    ):
-        """The splice of ``prepare_inputs_labels_for_multimodal`` with the images already encoded
-        (``image_features``: one (T_i, hidden) tensor per image, as ``image_features_per_image`` returns).
-        Returns ``(position_ids, attention_mask, inputs_embeds, labels)``."""
+    ) -> SplicedInputs:
+        """Replace each ``IMAGE_TOKEN_INDEX`` in ``input_ids`` by that image's visual tokens, given the
+        images already encoded (``image_features``: one (T_i, hidden) tensor per image).
+
+        Sequences are re-padded to the longest (on ``padding_side``, default
+        ``config.tokenizer_padding_side``), labels ``IGNORE_INDEX`` over image tokens and padding, everything
+        cut at ``tokenizer_model_max_length``. Images are consumed in order; a sample without ``<image>``
+        either consumes none, or one dummy image (the original training collator's zero image) when there is
+        one image per such sample.
+        """
         given_mask, given_positions, given_labels = attention_mask, position_ids, labels
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -302,29 +337,32 @@ class LlavaMetaForCausalLM(ABC):
         text_ids = [ids[ids != IMAGE_TOKEN_INDEX] for ids in ids_per_sample]
         text_embeds = embed_tokens(torch.cat(text_ids)).split([len(t) for t in text_ids], dim=0)
 
-        new_embeds, new_labels = [], []
+        new_embeds, new_labels, new_visual = [], [], []
         image_index = 0
         for ids, sample_labels, embeds, dummy in zip(ids_per_sample, labels_per_sample, text_embeds, dummies):
             positions = torch.where(ids == IMAGE_TOKEN_INDEX)[0].tolist()
             bounds = [-1] + positions + [ids.shape[0]]
-            pieces, piece_labels = [], []
+            pieces, piece_labels, piece_visual = [], [], []
             text_start = 0
             for k in range(len(bounds) - 1):
                 length = bounds[k + 1] - bounds[k] - 1
                 pieces.append(embeds[text_start : text_start + length])
                 piece_labels.append(sample_labels[bounds[k] + 1 : bounds[k + 1]])
+                piece_visual.append(torch.zeros(length, dtype=torch.bool, device=labels.device))
                 text_start += length
                 if k < len(positions):
                     feature = image_features[image_index]
                     image_index += 1
                     pieces.append(feature.to(embeds.dtype))
                     piece_labels.append(torch.full((feature.shape[0],), IGNORE_INDEX, dtype=labels.dtype, device=labels.device))
+                    piece_visual.append(torch.ones(feature.shape[0], dtype=torch.bool, device=labels.device))
             if dummy:
                 # keeps the vision modules in the graph for text-only samples (DDP / ZeRO need every parameter)
                 pieces.append(image_features[image_index][:0].to(embeds.dtype))
                 image_index += 1
             new_embeds.append(torch.cat(pieces, dim=0))
             new_labels.append(torch.cat(piece_labels, dim=0))
+            new_visual.append(torch.cat(piece_visual, dim=0))
 
         max_length = getattr(self.config, "tokenizer_model_max_length", None)
         if max_length is not None and any(e.shape[0] > max_length for e in new_embeds):
@@ -334,6 +372,7 @@ class LlavaMetaForCausalLM(ABC):
             )
             new_embeds = [e[:max_length] for e in new_embeds]
             new_labels = [lab[:max_length] for lab in new_labels]
+            new_visual = [v[:max_length] for v in new_visual]
 
         side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
         if side not in ("left", "right"):
@@ -345,12 +384,14 @@ class LlavaMetaForCausalLM(ABC):
         embeds_out = new_embeds[0].new_zeros(batch, longest, hidden)
         labels_out = torch.full((batch, longest), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
         mask_out = torch.zeros(batch, longest, dtype=torch.bool, device=attention_mask.device)
+        visual_out = torch.zeros(batch, longest, dtype=torch.bool, device=attention_mask.device)
         positions_out = torch.zeros(batch, longest, dtype=torch.long, device=attention_mask.device)
-        for i, (embeds, sample_labels, length) in enumerate(zip(new_embeds, new_labels, lengths)):
+        for i, (embeds, sample_labels, visual, length) in enumerate(zip(new_embeds, new_labels, new_visual, lengths)):
             span = slice(longest - length, longest) if side == "left" else slice(0, length)
             embeds_out[i, span] = embeds
             labels_out[i, span] = sample_labels
             mask_out[i, span] = True
+            visual_out[i, span] = visual
             positions_out[i, span] = torch.arange(length, device=positions_out.device)
 
         padded = any(length != longest for length in lengths)
@@ -362,7 +403,7 @@ class LlavaMetaForCausalLM(ABC):
         )
         position_ids = None if given_positions is None and not padded else positions_out
         labels = None if given_labels is None else labels_out
-        return position_ids, attention_mask, embeds_out, labels
+        return SplicedInputs(embeds_out, attention_mask, position_ids, labels, visual_out)
 
     # ----- tokenizer for training --------------------------------------------------------------
     def initialize_vision_tokenizer(self, model_args, tokenizer) -> None:
@@ -404,8 +445,18 @@ class LlavaMetaForCausalLM(ABC):
             self.get_output_embeddings().requires_grad_(False)
 
 
-def _slice_compressed(compressed: CompressedTokens, part: slice) -> CompressedTokens:
-    return dataclasses.replace(compressed, tokens=compressed.tokens[part], keep_indices=compressed.keep_indices[part])
+def _stack_views(pixel_values) -> tuple[torch.Tensor, list[int] | None]:
+    """(B, 3, S, S) -> (views, None); (B, V, 3, S, S) or a list of (V_i, 3, S, S) / (3, S, S) tensors ->
+    (all views stacked (sum V_i, 3, S, S), [V_i per image])."""
+    if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
+        return pixel_values, None
+    if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim != 5:
+        raise ValueError(
+            f"pixel values must be (B, 3, S, S), (B, V, 3, S, S) or a list of (V, 3, S, S); got shape "
+            f"{tuple(pixel_values.shape)}"
+        )
+    views = [image.unsqueeze(0) if image.ndim == 3 else image for image in pixel_values]
+    return torch.cat(views, dim=0), [view.shape[0] for view in views]
 
 
 def _dummy_images(placeholders: list[int], num_images: int) -> list[bool]:

@@ -1,6 +1,6 @@
 """Chat about an image in the terminal, turn after turn, with the image kept in the KV cache.
 
-    python -m llava.serve.cli --model-path P --image-file F [--visionzip 54,10] [--vispruner 64]
+    python -m llava.serve.cli --model-path P --image-file F [--compression visionzip:64]
         [--conv-mode vicuna_v1] [--device cpu] [--temperature 0.2] [--max-new-tokens 512]
 
 Type a message after the user prompt; an empty line or end of input (Ctrl-D) ends the chat.
@@ -14,9 +14,11 @@ import sys
 
 import torch
 
-from llava.eval.run_llava import compression_from_args
+from llava.compression_args import add_compression_arguments, compression_from_args
 from llava.mm_utils import load_image
 from llava.model.builder import load_pretrained_model
+from llava.model.compiled import CompiledLlava, add_compile_argument, check_compilable
+from llava.preflight import check_device, check_generation_options, model_max_positions
 from llava.serve.chat import ChatSession
 
 
@@ -33,11 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     parser.add_argument("--debug", action="store_true")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--visionzip", metavar="D,C")
-    group.add_argument("--vispruner", metavar="T[,R]")
-    group.add_argument("--no-compression", action="store_true")
-    parser.add_argument("--anyres-layout", choices=("official", "spatial"), default="official")
+    add_compression_arguments(parser)
+    add_compile_argument(parser)
     return parser
 
 
@@ -45,14 +44,25 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    # pre-flight (llava.preflight): device, decoding options and the image before the model loads
+    args.device = check_device(args.device)
+    check_generation_options(args.temperature, None, 1, args.max_new_tokens)
+    image = load_image(args.image_file)
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, None, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
         device=args.device, compression=compression_from_args(args),
     )
     if image_processor is None:
         raise ValueError(f"{args.model_path} is a language model without a vision tower")
-    session = ChatSession(model, tokenizer, image_processor, conv_mode=args.conv_mode)
-    session.set_image(load_image(args.image_file))
+    compiled = None
+    if args.compile:
+        check_compilable(model)
+        compiled = CompiledLlava(model)
+    # with --compile the whole conversation lives in one static cache: the model's positions, twice over
+    # (slots for the bucket padding of each turn's prefill; the positions are still capped at the model's)
+    session = ChatSession(model, tokenizer, image_processor, conv_mode=args.conv_mode, compiled=compiled,
+                          max_cache_len=2 * (model_max_positions(model.config) or 4096))
+    session.set_image(image)
     user, assistant = session.conv.roles
     while True:
         try:
@@ -63,10 +73,14 @@ def main(argv=None) -> int:
         if not text.strip():
             break
         print(f"{assistant}: ", end="", flush=True)
-        session.ask(
-            text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            stream=lambda piece: print(piece, end="", flush=True),
-        )
+        try:
+            session.ask(
+                text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                stream=lambda piece: print(piece, end="", flush=True),
+            )
+        except ValueError as err:  # e.g. the conversation no longer fits the model: the turn is not taken
+            print(f"\n[not answered] {err}", file=sys.stderr, flush=True)
+            continue
         print()
         if args.debug:
             turn = session.turns[-1]

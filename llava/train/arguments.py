@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import transformers
 
-from visionzip import VISIONZIP_BUDGETS, VISIONZIP_NEXT_BUDGETS, CompressionConfig
+from visionzip import CompressionConfig
 
 BAD_SAMPLE_POLICIES = ("skip", "error")
 # LLaVA-NeXT (anyres) budgets count the base image and four crops.
@@ -59,6 +59,10 @@ class DataArguments:
     check_image_files: bool = field(
         default=True, metadata={"help": "check before training that every referenced image file exists"}
     )
+    check_image_decode: str = field(
+        default="auto",
+        metadata={"help": "decode every image before the model loads: yes, no, or auto (yes up to 2000 images)"},
+    )
 
 
 @dataclass
@@ -67,7 +71,8 @@ class CompressionArguments:
 
     compression: str = field(
         default="none",
-        metadata={"help": "none, visionzip or vispruner; or a full spec such as visionzip:54,10 / vispruner:64"},
+        metadata={"help": "none | METHOD (with --visual_tokens) | METHOD:TOKENS | METHOD:key=value,... "
+                          "(any registered method, e.g. visionzip:64, fastv:tokens=64,layer=2)"},
     )
     dominant: int | None = field(default=None, metadata={"help": "VisionZip dominant tokens per image/crop"})
     contextual: int | None = field(default=None, metadata={"help": "VisionZip contextual tokens per image/crop"})
@@ -78,7 +83,7 @@ class CompressionArguments:
             "views for LLaVA-NeXT anyres (640/320/160)"
         },
     )
-    important_ratio: float = field(default=0.5, metadata={"help": "VisPruner: share of important tokens"})
+    important_ratio: float | None = field(default=None, metadata={"help": "VisPruner: share of important tokens"})
     anyres_layout: str = field(default="official", metadata={"help": "official or spatial (LLaVA-NeXT only)"})
 
 
@@ -140,63 +145,42 @@ class TrainingArguments(transformers.TrainingArguments):
 def build_compression_config(args: CompressionArguments, image_aspect_ratio: str | None) -> CompressionConfig:
     """The ``CompressionConfig`` the command line asks for; a ValueError names any inconsistent value.
 
-    VisionZip takes ``--dominant/--contextual`` or a paper budget ``--visual_tokens`` (mapped to the
-    paper's split); VisPruner takes ``--visual_tokens``.
+    ``--compression SPEC`` (``METHOD:TOKENS`` per image/view, ``METHOD:key=value,...``) gives everything;
+    ``--compression METHOD`` takes a budget from ``--visual_tokens`` (per image for LLaVA-1.5, over the 5
+    views for LLaVA-NeXT anyres, split by the method's own paper rule) and/or the method's settings from
+    ``--dominant/--contextual/--important_ratio``.
     """
+    from llava.eval.budgets import family_of, resolve_budget
+
     spec = args.compression.strip()
+    settings = {k: v for k, v in (("dominant", args.dominant), ("contextual", args.contextual),
+                                  ("important_ratio", args.important_ratio)) if v is not None}
     if ":" in spec or "," in spec:
-        if any(v is not None for v in (args.dominant, args.contextual, args.visual_tokens)):
+        if settings or args.visual_tokens is not None:
             raise ValueError(
-                f"--compression {spec!r} already gives the budget; drop --dominant/--contextual/--visual_tokens"
+                f"--compression {spec!r} already gives the budget; drop --dominant/--contextual/--important_ratio/"
+                "--visual_tokens"
             )
         return CompressionConfig.parse(spec, anyres_layout=args.anyres_layout)
-    anyres = image_aspect_ratio == "anyres"
     if spec in ("none", "vanilla", ""):
-        if any(v is not None for v in (args.dominant, args.contextual, args.visual_tokens)):
-            raise ValueError("--dominant/--contextual/--visual_tokens need --compression visionzip or vispruner")
+        if settings or args.visual_tokens is not None:
+            raise ValueError(
+                "--dominant/--contextual/--important_ratio/--visual_tokens need --compression METHOD"
+            )
         return CompressionConfig(anyres_layout=args.anyres_layout)
-    if spec == "visionzip":
-        dominant, contextual = args.dominant, args.contextual
-        if dominant is None and contextual is None:
-            if args.visual_tokens is None:
-                raise ValueError("--compression visionzip needs --visual_tokens or --dominant and --contextual")
-            table = VISIONZIP_NEXT_BUDGETS if anyres else VISIONZIP_BUDGETS
-            if args.visual_tokens not in table:
-                raise ValueError(
-                    f"--visual_tokens {args.visual_tokens} is not a paper budget for "
-                    f"{'LLaVA-NeXT (anyres)' if anyres else 'LLaVA-1.5'}: choose one of {sorted(table)} "
-                    "or give --dominant and --contextual"
-                )
-            dominant, contextual = table[args.visual_tokens]
-        elif dominant is None or contextual is None:
-            raise ValueError("--dominant and --contextual go together (or use --visual_tokens)")
-        elif args.visual_tokens is not None:
-            expected = (dominant + contextual) * (ANYRES_VIEWS if anyres else 1)
-            if args.visual_tokens != expected:
-                raise ValueError(
-                    f"--visual_tokens {args.visual_tokens} does not match --dominant {dominant} + "
-                    f"--contextual {contextual} (= {expected}{' over 5 views' if anyres else ''})"
-                )
-        return CompressionConfig(
-            method="visionzip", dominant=dominant, contextual=contextual, anyres_layout=args.anyres_layout
-        )
-    if spec == "vispruner":
-        if args.dominant is not None or args.contextual is not None:
-            raise ValueError("--dominant/--contextual are VisionZip settings; VisPruner takes --visual_tokens")
-        if args.visual_tokens is None:
-            raise ValueError("--compression vispruner needs --visual_tokens")
-        tokens = args.visual_tokens
-        if anyres:
-            if tokens % ANYRES_VIEWS:
-                raise ValueError(
-                    f"--visual_tokens {tokens} for anyres counts the {ANYRES_VIEWS} views and must divide by "
-                    f"{ANYRES_VIEWS}"
-                )
-            tokens //= ANYRES_VIEWS
-        return CompressionConfig(
-            method="vispruner",
-            tokens=tokens,
-            important_ratio=args.important_ratio,
-            anyres_layout=args.anyres_layout,
-        )
-    raise ValueError(f"--compression must be none, visionzip or vispruner (or a spec), got {args.compression!r}")
+    family = family_of(image_aspect_ratio)
+    views = ANYRES_VIEWS if family == "v1.6" else 1
+    budget = None
+    if args.visual_tokens is not None:
+        budget = resolve_budget(spec, args.visual_tokens, family).compression
+    elif not settings:
+        raise ValueError(f"--compression {spec} needs --visual_tokens (or the method's settings)")
+    if settings:
+        explicit = CompressionConfig(spec, **{**(budget.settings.to_dict() if budget else {}), **settings})
+        if budget is not None and explicit.tokens_per_image != budget.tokens_per_image:
+            raise ValueError(
+                f"--visual_tokens {args.visual_tokens} does not match the settings {settings} "
+                f"(= {explicit.tokens_per_image * views}{' over 5 views' if views > 1 else ''})"
+            )
+        budget = explicit
+    return CompressionConfig(budget.method, budget.settings, anyres_layout=args.anyres_layout)

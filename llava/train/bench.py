@@ -83,7 +83,7 @@ def worker(
         "--model_max_length", "2048",
     ]
     if budget is not None:
-        argv += ["--compression", "visionzip", "--visual_tokens", str(budget)]
+        argv += ["--compression", f"visionzip:{budget}"]
     if mode == "projector":
         argv += ["--tune_mm_mlp_adapter", "True"]
     model_args, data_args, compression_args, training_args = parse_arguments(argv)

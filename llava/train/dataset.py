@@ -4,6 +4,12 @@ A record is ``{"id": ..., "image": "coco/train2017/x.jpg" (optional), "conversat
 "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``. Records are checked when the dataset
 is built (structure, ``<image>`` placeholders, image files), so that a bad file stops the run before the
 first step with a message naming each bad sample; tokenization and pixels are computed per item.
+
+``check_data_file`` runs the same checks before the model loads (``llava.train.train`` calls it first),
+and can also decode every image (``check_image_decode``: "yes", "no", or "auto" = yes for datasets of at
+most ``DECODE_CHECK_LIMIT`` images). An image that fails to decode later (any cause: truncated file, over
+PIL's decompression-bomb limit, an unsupported mode) follows the bad-sample policy like any unlearnable
+sample: skipped and counted, or the run stops naming it.
 """
 from __future__ import annotations
 
@@ -14,12 +20,11 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import Conversation
-from llava.mm_utils import process_images, processor_crop_size
+from llava.mm_utils import ImageLoadError, load_image, process_images, processor_crop_size
 
 from .preprocess import (
     SampleError,
@@ -36,6 +41,9 @@ logger = logging.getLogger(__name__)
 LISTED_PROBLEMS = 10
 # Consecutive unlearnable samples after which skipping stops: the cause is then not the data but the setup.
 MAX_CONSECUTIVE_SKIPS = 64
+# check_image_decode="auto" decodes every image before training for datasets of at most this many images.
+DECODE_CHECK_LIMIT = 2000
+DECODE_CHECK_CHOICES = ("auto", "yes", "no")
 
 
 class DataFileError(ValueError):
@@ -89,6 +97,79 @@ def raise_collected(path: str, problems: list[str], what: str) -> None:
         raise DataFileError(f"{path}: {len(problems)} {what}:\n  {listed}{more}")
 
 
+def image_path_of(record: dict, image_folder: str | None) -> str:
+    return os.path.join(image_folder, record["image"]) if image_folder else record["image"]
+
+
+def should_decode(check_image_decode: str | bool, num_images: int) -> bool:
+    if isinstance(check_image_decode, bool):
+        return check_image_decode
+    if check_image_decode not in DECODE_CHECK_CHOICES:
+        raise ValueError(f"check_image_decode must be one of {DECODE_CHECK_CHOICES}, got {check_image_decode!r}")
+    return check_image_decode == "yes" or (check_image_decode == "auto" and num_images <= DECODE_CHECK_LIMIT)
+
+
+def validate_records(
+    path: str,
+    records: list[dict],
+    *,
+    image_folder: str | None,
+    mm_use_im_start_end: bool = False,
+    multimodal: bool = True,
+    check_image_files: bool = True,
+    check_image_decode: str | bool = "no",
+) -> None:
+    """Structure, ``<image>`` placeholders, image files (exist; decode when asked): a ``DataFileError``
+    listing every bad record."""
+    problems, missing, undecodable = [], [], []
+    image_records = []
+    for index, record in enumerate(records):
+        name = sample_name(index, record)
+        try:
+            turns = conversation_turns(record.get("conversations"), name)
+            place_image_token(turns, "image" in record, name, mm_use_im_start_end)
+            if "image" in record:
+                if not multimodal:
+                    raise SampleError(name, "has an image but the model has no vision tower")
+                if not isinstance(record["image"], str) or not record["image"]:
+                    raise SampleError(name, f"'image' must be a file path, got {record['image']!r}")
+        except SampleError as err:
+            problems.append(str(err))
+            continue
+        if "image" in record:
+            image_records.append((name, image_path_of(record, image_folder)))
+    raise_collected(path, problems, "unusable records")
+    if check_image_files or should_decode(check_image_decode, len(image_records)):
+        for name, image_path in image_records:
+            if not os.path.isfile(image_path):
+                missing.append(f"{name}: image file not found: {image_path}")
+    raise_collected(path, missing, f"missing image files (image_folder={image_folder!r})")
+    if should_decode(check_image_decode, len(image_records)):
+        for name, image_path in image_records:
+            try:
+                load_image(image_path)
+            except ImageLoadError as err:
+                undecodable.append(f"{name}: {err}")
+        raise_collected(path, undecodable, "images that do not decode (--check_image_decode)")
+
+
+def check_data_file(
+    path: str,
+    *,
+    image_folder: str | None = None,
+    check_image_files: bool = True,
+    check_image_decode: str | bool = "auto",
+) -> list[dict]:
+    """Pre-flight, before any model loads: read the data file and check its records (see
+    ``validate_records``). Returns the records."""
+    records = load_records(path)
+    validate_records(
+        path, records, image_folder=image_folder, check_image_files=check_image_files,
+        check_image_decode=check_image_decode,
+    )
+    return records
+
+
 def word_count(record: dict) -> int:
     return sum(len(turn["value"].split()) for turn in record["conversations"])
 
@@ -122,6 +203,8 @@ class LazySupervisedDataset(Dataset):
         bad_sample_policy: str = "skip",
         check_tokenization: bool = True,
         check_image_files: bool = True,
+        check_image_decode: str | bool = "no",
+        records: list[dict] | None = None,
     ):
         self.data_path = data_path
         self.tokenizer = tokenizer
@@ -138,36 +221,18 @@ class LazySupervisedDataset(Dataset):
             raise ValueError(f"bad_sample_policy must be 'skip' or 'error', got {bad_sample_policy!r}")
         self.bad_sample_policy = bad_sample_policy
         self.check_tokenization = check_tokenization
-        self.records = load_records(data_path)
-        self.validate_records(check_image_files)
+        self.records = load_records(data_path) if records is None else records
+        validate_records(
+            data_path, self.records, image_folder=image_folder, mm_use_im_start_end=mm_use_im_start_end,
+            multimodal=image_processor is not None, check_image_files=check_image_files,
+            check_image_decode=check_image_decode,
+        )
         self.modality_lengths = [
             word_count(r) + visual_tokens_per_image if "image" in r else -word_count(r) for r in self.records
         ]
 
-    # ---- checks when the dataset is built ----
-
-    def validate_records(self, check_image_files: bool) -> None:
-        problems, missing = [], []
-        for index, record in enumerate(self.records):
-            name = sample_name(index, record)
-            try:
-                turns = conversation_turns(record.get("conversations"), name)
-                place_image_token(turns, "image" in record, name, self.mm_use_im_start_end)
-                if "image" in record:
-                    if self.image_processor is None:
-                        raise SampleError(name, "has an image but the model has no vision tower")
-                    if not isinstance(record["image"], str) or not record["image"]:
-                        raise SampleError(name, f"'image' must be a file path, got {record['image']!r}")
-            except SampleError as err:
-                problems.append(str(err))
-                continue
-            if check_image_files and "image" in record and not os.path.isfile(self.image_path(record)):
-                missing.append(f"{name}: image file not found: {self.image_path(record)}")
-        raise_collected(self.data_path, problems, "unusable records")
-        raise_collected(self.data_path, missing, f"missing image files (image_folder={self.image_folder!r})")
-
     def image_path(self, record: dict) -> str:
-        return os.path.join(self.image_folder, record["image"]) if self.image_folder else record["image"]
+        return image_path_of(record, self.image_folder)
 
     # ---- per item ----
 
@@ -233,10 +298,9 @@ class LazySupervisedDataset(Dataset):
     def load_pixels(self, record: dict, name: str):
         path = self.image_path(record)
         try:
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-            raise UnlearnableSample(name, f"cannot read image {path}: {err}", "image_unreadable") from err
+            image = load_image(path)  # every decoding failure is an ImageLoadError, bombs and odd modes included
+        except ImageLoadError as err:
+            raise UnlearnableSample(name, str(err), "image_unreadable") from err
         pixels = process_images([image], self.image_processor, self.image_config)
         return pixels[0], image.size
 

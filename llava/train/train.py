@@ -8,7 +8,7 @@ Modes (see docs/training.md and scripts/v1_5/train/):
 - full fine-tuning: ``--model_name_or_path`` the LLM (vicuna) + ``--pretrain_mm_mlp_adapter`` (stage 1) and
   ``--vision_tower``: LLM and projector train; LoRA / QLoRA with ``--lora_enable`` / ``--bits 4``.
 
-Compression (``--compression visionzip --visual_tokens 64``) is stored in the model config
+Compression (``--compression visionzip:64``, or ``--compression visionzip --visual_tokens 64``) is stored in the model config
 (``visual_compression``) and applied by the model's own forward, the code path inference uses, so the
 language model trains on the compressed sequence.
 """
@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -35,15 +36,19 @@ from .arguments import (
     build_compression_config,
 )
 from .checkpointing import (
-    FINAL_WEIGHTS,
     FINISHED_MARKER,
     StartPlan,
+    check_output_is_not_input,
+    files_written_since,
+    identity_callback,
     plan_start,
+    remove_finished_run,
     save_lora,
     save_projector,
     write_finished_marker,
+    write_run_record,
 )
-from .dataset import LazySupervisedDataset, SupervisedCollator
+from .dataset import LazySupervisedDataset, SupervisedCollator, check_data_file
 from .trainer import LlavaTrainer, is_projector_parameter
 
 logger = logging.getLogger("llava.train")
@@ -165,12 +170,14 @@ def lora_target_modules(model) -> list[str]:
 
 
 def visual_tokens_per_image(model, compression) -> int:
-    """Visual tokens one image (one view, for anyres) contributes to the LLM's sequence."""
-    if compression.enabled:
-        return compression.tokens_per_image
+    """Visual tokens one image (one view, for anyres) contributes to the LLM's input sequence (at most)."""
     tower = model.get_vision_tower()
     extra = 1 if getattr(tower, "select_feature", "patch") == "cls_patch" else 0
-    return tower.num_patches + extra
+    full = tower.num_patches + extra
+    if not compression.enabled:
+        return full
+    tokens = compression.settings.llm_input_tokens_per_view(full)
+    return full if tokens is None else tokens
 
 
 def positions_per_image(model, tokens_per_view: int, image_aspect_ratio: str | None) -> int:
@@ -310,12 +317,7 @@ def summary_line(mode, bits, model, compression, dataset, tokens, plan, image_as
     trainable, total = count_parameters(model)
     images, texts = dataset.count_modalities()
     if compression.enabled:
-        budget = (
-            f"dominant={compression.dominant} contextual={compression.contextual}"
-            if compression.method == "visionzip"
-            else f"tokens={compression.tokens} important_ratio={compression.important_ratio}"
-        )
-        visual = f"{tokens} visual tokens per image ({compression.method} {budget})"
+        visual = f"{tokens} visual tokens per image ({compression.spec()})"
     else:
         visual = f"{tokens} visual tokens per image (no compression)"
     if image_aspect_ratio == "anyres":
@@ -326,23 +328,76 @@ def summary_line(mode, bits, model, compression, dataset, tokens, plan, image_as
     )
 
 
-def remove_finished_run(output_dir: str) -> None:
-    """--overwrite_output_dir on a finished run: its marker and final weights go before training starts,
-    so that an interrupted new run is not mistaken for the old finished one (checkpoints are kept)."""
-    for name in (FINISHED_MARKER,) + FINAL_WEIGHTS:
-        path = os.path.join(output_dir, name)
-        if os.path.isfile(path):
-            logger.warning("--overwrite_output_dir: removing %s of the earlier run", path)
-            os.remove(path)
+# Training arguments that decide what a run learns: a checkpoint resumes only under the same values.
+FINGERPRINT_TRAINING_FIELDS = (
+    "learning_rate", "mm_projector_lr", "weight_decay", "warmup_ratio", "warmup_steps", "lr_scheduler_type",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed",
+    "model_max_length", "bits", "lora_enable", "lora_r", "lora_alpha", "lora_dropout", "lora_bias",
+    "freeze_mm_mlp_adapter", "bf16", "fp16", "group_by_modality_length", "optim",
+)
+FINGERPRINT_DATA_FIELDS = ("data_path", "image_folder", "image_aspect_ratio")
+# Room asked of the output folder when the run writes no whole model (projector-only, no checkpoints).
+SMALL_OUTPUT_BYTES = 16 * 2**20
 
 
-def train(model_args, data_args, compression_args, training_args, callbacks=None) -> TrainResult:
-    """Run one training job; ``callbacks``: extra ``transformers.TrainerCallback`` objects."""
+def _plain(value):
+    """A JSON value for the fingerprint: enums by value, existing paths absolute."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, str) and value and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
+def run_fingerprint(model_args, data_args, compression_args, training_args) -> dict:
+    """The settings that decide what a run learns (model, data, compression, optimisation), as JSON."""
+    import json
+
+    fingerprint = {f"model.{k}": _plain(v) for k, v in dataclasses.asdict(model_args).items()}
+    fingerprint.update({f"data.{k}": _plain(getattr(data_args, k)) for k in FINGERPRINT_DATA_FIELDS})
+    fingerprint.update({f"compression.{k}": _plain(v) for k, v in dataclasses.asdict(compression_args).items()})
+    fingerprint.update({f"training.{k}": _plain(getattr(training_args, k, None)) for k in FINGERPRINT_TRAINING_FIELDS})
+    return json.loads(json.dumps(fingerprint, default=str))
+
+
+def preflight(model_args, data_args, compression_args, training_args) -> tuple[StartPlan, dict, list[dict]]:
+    """Everything checked before the model loads: required arguments, output != input, how the run starts
+    (``plan_start``: finished run, run identity, settings), the output folder (writable, room), the data
+    file (records, image files; images decode per ``--check_image_decode``). Returns (plan, fingerprint,
+    records)."""
+    from llava.preflight import check_output_dir, folder_weight_bytes
+
     if not model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is required")
     if not data_args.data_path:
         raise ValueError("--data_path is required")
-    plan = plan_start(training_args.output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)
+    output_dir = training_args.output_dir
+    check_output_is_not_input(output_dir, model_args.model_name_or_path, model_args.pretrain_mm_mlp_adapter)
+    fingerprint = run_fingerprint(model_args, data_args, compression_args, training_args)
+    plan = plan_start(output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir, fingerprint)
+    whole_model = TrainingMode.of(model_args, training_args) is not TrainingMode.PROJECTOR
+    saves_checkpoints = str(_plain(training_args.save_strategy)) != "no"
+    needed = SMALL_OUTPUT_BYTES
+    if whole_model or saves_checkpoints:
+        needed = max(needed, folder_weight_bytes(model_args.model_name_or_path))
+    check_output_dir(output_dir, needed, "--output_dir")
+    records = check_data_file(
+        data_args.data_path,
+        image_folder=data_args.image_folder,
+        check_image_files=data_args.check_image_files,
+        check_image_decode=getattr(data_args, "check_image_decode", "auto"),
+    )
+    return plan, fingerprint, records
+
+
+def train(model_args, data_args, compression_args, training_args, callbacks=None) -> TrainResult:
+    """Run one training job; ``callbacks``: extra ``transformers.TrainerCallback`` objects."""
+    plan, fingerprint, records = preflight(model_args, data_args, compression_args, training_args)
+    run_record = {"run_id": plan.run_id, "fingerprint": fingerprint}
+    if training_args.process_index == 0:
+        if plan.resume_from is None and training_args.overwrite_output_dir:
+            remove_finished_run(training_args.output_dir)
+        run_record = write_run_record(training_args.output_dir, plan, fingerprint)
     transformers.set_seed(training_args.seed)
 
     model, tokenizer, image_processor, compression = build_model_and_tokenizer(
@@ -370,6 +425,8 @@ def train(model_args, data_args, compression_args, training_args, callbacks=None
         bad_sample_policy=training_args.bad_sample_policy,
         check_tokenization=training_args.check_tokenization,
         check_image_files=data_args.check_image_files,
+        check_image_decode="no",  # decoded in preflight() when asked; later failures follow bad_sample_policy
+        records=records,
     )
     collator = SupervisedCollator(pad_token_id=tokenizer.pad_token_id, model_max_length=training_args.model_max_length)
     mode = TrainingMode.of(model_args, training_args)
@@ -385,15 +442,13 @@ def train(model_args, data_args, compression_args, training_args, callbacks=None
         train_dataset=dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=list(callbacks or []) + [identity_callback(run_record)],
     )
-    if plan.resume_from is None and training_args.overwrite_output_dir and trainer.is_world_process_zero():
-        if os.path.isdir(training_args.output_dir):
-            remove_finished_run(training_args.output_dir)
     trainer.train(resume_from_checkpoint=plan.resume_from)
     trainer.save_state()
 
     base.config.use_cache = True
+    save_started = time.time()
     save_final(trainer, model, tokenizer, mode, training_args)
     skipped = trainer.total_skipped()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -409,6 +464,8 @@ def train(model_args, data_args, compression_args, training_args, callbacks=None
                 "skipped_samples": skipped,
                 "skipped_examples": trainer.skipped[:20],
                 "final_loss": losses[-1] if losses else None,
+                "run_id": plan.run_id,
+                "files_written": files_written_since(training_args.output_dir, save_started),
             },
         )
         if skipped:

@@ -1,6 +1,7 @@
 """VisionZip (Yang et al., CVPR 2025): dominant tokens by attention, contextual tokens by key merging.
 
-Exactly the official computation (see SPEC.md), organised as pure tensor functions:
+Exactly the official computation (docs/visionzip.md; dvlab-research/VisionZip at 3151f6d,
+``visionzip/clip_encoder.py`` and ``visionzip/utils.py``), organised as pure tensor functions:
 
 1. ``patch_scores``: the scoring layer's CLS attention summed over heads (or, without CLS, the mean
    attention each token receives).
@@ -16,15 +17,27 @@ instead of a dense (N, C) one-hot matrix multiplication.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..config import CompressionConfig, check_count
 from ..encoders import EncoderCapture, VisionEncoderAdapter, attention_implementation, encoder_adapter
 from ..scoring import cls_attention, key_metric, received_attention
-from .base import CompressedTokens, complement_indices, gather_tokens, register_method
+from .base import (
+    CompressedTokens,
+    MethodSettings,
+    check_count,
+    complement_indices,
+    gather_tokens,
+    register_method,
+)
 
 SCORES = ("auto", "cls", "received")
+
+# Paper budgets (VisionZip Table 1 / 2): visual tokens per image (LLaVA-1.5) -> (dominant, contextual);
+# LLaVA-NeXT's totals over 5 views are the same split per crop (640 / 320 / 160 = 5 x 128 / 64 / 32).
+VISIONZIP_BUDGETS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
+VISIONZIP_NEXT_BUDGETS = {640: (108, 20), 320: (54, 10), 160: (27, 5)}
 
 
 @dataclass
@@ -94,7 +107,9 @@ def select_dominant(scores: torch.Tensor, dominant: int, has_cls: bool) -> torch
     offset = int(has_cls)
     top = scores.topk(dominant - offset, dim=1).indices + offset
     if has_cls:
-        top = torch.cat([torch.zeros_like(top[:, :1]), top], dim=1)
+        # (B, 1) zeros built from the batch size: ``top[:, :1]`` is empty when dominant == 1 (CLS alone)
+        cls = torch.zeros(top.shape[0], 1, dtype=top.dtype, device=top.device)
+        top = torch.cat([cls, top], dim=1)
     return top.sort(dim=1).values
 
 
@@ -197,17 +212,69 @@ def zip_vision_tokens(
     adapter = encoder_adapter(vision_model)
     dominant, contextual = check_visionzip_budget(adapter, dominant, contextual, select_layer)
     resolve_score(score, adapter.has_cls, type(adapter.model).__name__)
-    adapter.check_pixels(pixel_values)
+    adapter.check_pixel_values(pixel_values)
     with torch.no_grad(), attention_implementation(adapter.model, attn_implementation):
         capture = adapter.run(pixel_values, select_layer)
         return visionzip_compress(adapter, capture, dominant, contextual, score)
 
 
-def _check(adapter: VisionEncoderAdapter, config: CompressionConfig, select_layer: int) -> None:
-    check_visionzip_budget(adapter, config.dominant, config.contextual, select_layer)
+def visionzip_split(tokens: int) -> tuple[int, int]:
+    """The paper's (dominant, contextual) for ``tokens`` per view: 64 -> 54 + 10, 128 -> 108 + 20,
+    192 -> 162 + 30, 32 -> 27 + 5 (NeXT's 160 over 5 views); other budgets keep the same 27 : 5 ratio,
+    with at least one contextual token (and one dominant: the CLS)."""
+    tokens = check_count("visual tokens", tokens, minimum=2)
+    paper = {**VISIONZIP_BUDGETS, **{total // 5: split for total, split in VISIONZIP_NEXT_BUDGETS.items()}}
+    if tokens in paper:
+        return paper[tokens]
+    dominant = min(max(1, tokens * 27 // 32), tokens - 1)
+    return dominant, tokens - dominant
 
 
-@register_method("visionzip", check=_check)
-def visionzip_method(adapter: VisionEncoderAdapter, capture: EncoderCapture, config: CompressionConfig) -> CompressedTokens:
-    out = visionzip_compress(adapter, capture, config.dominant, config.contextual)
-    return CompressedTokens(out.tokens, out.keep_indices, adapter.has_cls, cls_kept=adapter.has_cls)
+@register_method
+@dataclass
+class VisionZip(MethodSettings):
+    """VisionZip: ``dominant`` tokens (CLS + top patches by CLS attention) + ``contextual`` merged tokens,
+    per image (per crop on LLaVA-NeXT). Acts on the tower's selected layer, before the projector."""
+
+    name: ClassVar[str] = "visionzip"
+    display_name: ClassVar[str] = "VisionZip"
+    stage: ClassVar[str] = "encoder_output"
+    summary: ClassVar[str] = "dominant tokens by attention + contextual tokens merged by key similarity"
+    positional: ClassVar[tuple[str, ...]] = ("dominant", "contextual")
+    reference: ClassVar[str] = "visionzip.reference.official_visionzip"
+
+    dominant: int = 54
+    contextual: int = 10
+
+    def validate(self):
+        self.dominant = check_count("dominant", self.dominant)
+        self.contextual = check_count("contextual", self.contextual)
+        return self
+
+    @classmethod
+    def from_budget(cls, tokens: int) -> VisionZip:
+        dominant, contextual = visionzip_split(tokens)
+        return cls(dominant=dominant, contextual=contextual)
+
+    def tokens_per_view(self, num_tokens: int | None = None) -> int:
+        return self.dominant + self.contextual
+
+    def label(self) -> str:
+        return f"visionzip {self.dominant}+{self.contextual}"
+
+    def check(self, adapter: VisionEncoderAdapter, select_layer: int) -> None:
+        check_visionzip_budget(adapter, self.dominant, self.contextual, select_layer)
+
+    def compress(self, adapter: VisionEncoderAdapter, capture: EncoderCapture) -> CompressedTokens:
+        out = visionzip_compress(adapter, capture, self.dominant, self.contextual)
+        return CompressedTokens(out.tokens, out.keep_indices, adapter.has_cls, cls_kept=adapter.has_cls)
+
+    def reference_tokens(self, vision_model, pixel_values, select_layer: int = -2):
+        from ..reference import official_visionzip
+
+        return official_visionzip(vision_model, pixel_values, self.dominant, self.contextual, select_layer)[0]
+
+    def reference_merge_shape(self, num_tokens: int) -> tuple[int, int]:
+        # the official merge multiplies a (contextual, remaining - contextual) one-hot matrix
+        remaining = num_tokens - self.dominant
+        return self.contextual, remaining - self.contextual

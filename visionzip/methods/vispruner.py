@@ -1,14 +1,15 @@
 """VisPruner (Zhang et al., 2024): important tokens by CLS attention, diverse tokens by iterative
-duplicate removal among the rest. Exactly the official selection (see SPEC.md)."""
+duplicate removal among the rest. Exactly the official selection (docs/visionzip.md; Theia-4869/VisPruner at
+aefa01a, ``llava/model/llava_arch.py`` ``encode_images``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..config import CompressionConfig, check_count, check_ratio
 from ..encoders import EncoderCapture, VisionEncoderAdapter, attention_implementation, encoder_adapter
-from .base import CompressedTokens, gather_tokens, register_method
+from .base import CompressedTokens, MethodSettings, check_count, check_ratio, gather_tokens, register_method
 from .visionzip import layer_queries_keys, resolve_score, scores_from_qk
 
 MAX_DROP_PER_STEP = 8
@@ -93,18 +94,54 @@ def vispruner_select(
     """
     adapter = encoder_adapter(vision_model)
     num_tokens, important_ratio = check_vispruner_budget(adapter, num_tokens, important_ratio, select_layer)
-    adapter.check_pixels(pixel_values)
+    adapter.check_pixel_values(pixel_values)
     with torch.no_grad(), attention_implementation(adapter.model, attn_implementation):
         capture = adapter.run(pixel_values, select_layer)
         return vispruner_compress(adapter, capture, num_tokens, important_ratio)
 
 
-def _check(adapter: VisionEncoderAdapter, config: CompressionConfig, select_layer: int) -> None:
-    check_vispruner_budget(adapter, config.tokens, config.important_ratio, select_layer)
+@register_method
+@dataclass
+class VisPruner(MethodSettings):
+    """VisPruner: ``tokens`` patches per image (per crop on LLaVA-NeXT), ``important_ratio`` of them by CLS
+    attention, the rest by iterative duplicate removal. Acts on the tower's selected layer."""
 
+    name: ClassVar[str] = "vispruner"
+    display_name: ClassVar[str] = "VisPruner"
+    stage: ClassVar[str] = "encoder_output"
+    summary: ClassVar[str] = "important tokens by CLS attention + diverse tokens by duplicate removal"
+    positional: ClassVar[tuple[str, ...]] = ("tokens", "important_ratio")
+    reference: ClassVar[str] = "visionzip.reference.official_vispruner"
 
-@register_method("vispruner", check=_check)
-def vispruner_method(adapter: VisionEncoderAdapter, capture: EncoderCapture, config: CompressionConfig) -> CompressedTokens:
-    out = vispruner_compress(adapter, capture, config.tokens, config.important_ratio)
-    offset = int(adapter.has_cls)
-    return CompressedTokens(out.tokens, out.keep_indices + offset, adapter.has_cls, cls_kept=False)
+    tokens: int = 64
+    important_ratio: float = 0.5
+
+    def validate(self):
+        self.tokens = check_count("tokens", self.tokens)
+        self.important_ratio = check_ratio("important_ratio", self.important_ratio)
+        return self
+
+    @classmethod
+    def from_budget(cls, tokens: int) -> VisPruner:
+        return cls(tokens=check_count("visual tokens", tokens))
+
+    def tokens_per_view(self, num_tokens: int | None = None) -> int:
+        return self.tokens
+
+    def label(self) -> str:
+        return f"vispruner {self.tokens}"
+
+    def check(self, adapter: VisionEncoderAdapter, select_layer: int) -> None:
+        check_vispruner_budget(adapter, self.tokens, self.important_ratio, select_layer)
+
+    def compress(self, adapter: VisionEncoderAdapter, capture: EncoderCapture) -> CompressedTokens:
+        out = vispruner_compress(adapter, capture, self.tokens, self.important_ratio)
+        offset = int(adapter.has_cls)
+        return CompressedTokens(out.tokens, out.keep_indices + offset, adapter.has_cls, cls_kept=False)
+
+    def reference_tokens(self, vision_model, pixel_values, select_layer: int = -2):
+        from ..reference import official_vispruner
+
+        return official_vispruner(
+            vision_model, pixel_values, self.tokens, self.important_ratio, select_layer, return_tokens=True
+        )

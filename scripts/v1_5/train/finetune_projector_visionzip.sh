@@ -6,7 +6,7 @@
 set -euo pipefail
 
 MODEL_SIZE=${MODEL_SIZE:-7b}              # 7b or 13b
-BUDGET=${BUDGET:-64}                      # visual tokens per image: 64 (54+10), 128 (108+20), 192 (162+30)
+BUDGET=${BUDGET:-64}                      # visual tokens per image: 64 (54+10), 128 (108+20), 192 (162+30); COMPRESSION=SPEC overrides
 NUM_GPUS=${NUM_GPUS:-8}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-16}  # 8 x 16 = global batch 128
 GRAD_ACCUM=${GRAD_ACCUM:-1}
@@ -35,8 +35,7 @@ launch_training \
     --image_folder "$DATA_DIR" \
     --vision_tower "$VISION_TOWER" \
     --tune_mm_mlp_adapter True \
-    --compression visionzip \
-    --visual_tokens "$BUDGET" \
+    --compression "$COMPRESSION" \
     --image_aspect_ratio pad \
     --group_by_modality_length True \
     --bf16 True \

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 MODEL_SIZE=${MODEL_SIZE:-7b}              # 7b or 13b
-BUDGET=${BUDGET:-64}                      # visual tokens per image: 64, 128 or 192
+BUDGET=${BUDGET:-64}                      # visual tokens per image (64, 128, 192); METHOD=visionzip or COMPRESSION=SPEC
 NUM_GPUS=${NUM_GPUS:-8}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-16}  # NUM_GPUS x PER_DEVICE_BATCH x GRAD_ACCUM = 128
 GRAD_ACCUM=${GRAD_ACCUM:-1}
@@ -39,8 +39,7 @@ launch_training \
     --mm_vision_select_layer -2 \
     --mm_use_im_start_end False \
     --mm_use_im_patch_token False \
-    --compression visionzip \
-    --visual_tokens "$BUDGET" \
+    --compression "$COMPRESSION" \
     --image_aspect_ratio pad \
     --group_by_modality_length True \
     --bf16 True \

@@ -41,10 +41,13 @@ select_model_size() {
     esac
 }
 
+# check_budget BUDGET: a positive number of visual tokens per image (the paper's are 64, 128, 192).
+# Sets COMPRESSION (default METHOD:BUDGET, METHOD default visionzip) unless the caller set it: any spec
+# ``METHOD:TOKENS`` or ``METHOD:key=value,...`` of a registered method.
 check_budget() {
     case "$1" in
-        64|128|192) ;;
-        *) echo "BUDGET must be 64, 128 or 192 visual tokens per image (VisionZip's LLaVA-1.5 budgets), got '$1'" >&2
+        ''|*[!0-9]*|0) echo "BUDGET must be a positive number of visual tokens per image (e.g. 64, 128, 192), got '$1'" >&2
            return 2 ;;
     esac
+    COMPRESSION=${COMPRESSION:-${METHOD:-visionzip}:$1}
 }

@@ -1,5 +1,6 @@
 """Vision towers: a Hugging Face CLIP or SigLIP vision model, its image processor, and LLaVA's feature
-selection (``mm_vision_select_layer`` / ``mm_vision_select_feature``) with optional VisionZip / VisPruner.
+selection (``mm_vision_select_layer`` / ``mm_vision_select_feature``) with the vision-side stage of any
+registered compression method.
 
 The tower runs once per batch through ``visionzip.encoder_adapter(...).run``: up to the selected layer
 (the layers after it are skipped, LLaVA never uses them), keeping its SDPA / FlashAttention kernels, and
@@ -74,8 +75,7 @@ class VisionTower(nn.Module):
 
     def build_model(self) -> None:
         """The encoder's structure only; its weights are filled in by the enclosing ``from_pretrained``."""
-        config = self.config_class.from_pretrained(self.vision_tower_name)
-        config._attn_implementation = "sdpa"
+        config = self.config_class.from_pretrained(self.vision_tower_name, attn_implementation="sdpa")
         self.image_processor = self.processor_class.from_pretrained(self.vision_tower_name)
         self.vision_tower = self.model_class(config)
         self.is_loaded = True
@@ -97,35 +97,34 @@ class VisionTower(nn.Module):
     def encode(
         self, images: torch.Tensor, compression: CompressionConfig | None = None
     ) -> tuple[torch.Tensor, CompressedTokens | None]:
-        """images (B, 3, S, S) -> (features (B, T, C), compressed or None).
+        """Stage 1 of the image pipeline: views (V, 3, S, S) -> (tokens (V, T, C) in the encoder's feature
+        space, compressed or None).
 
-        Without compression the features are the selected ones (T = 576 patches for ViT-L/14-336); with it,
+        Without a vision-side method the tokens are the selected features (T = 576 patches for
+        ViT-L/14-336); with one (``compression.settings.stage`` "tower" or "encoder_output"),
         ``compressed.tokens`` (the same tensor) and ``compressed.keep_indices`` say which encoder positions
-        survived. One tower pass either way.
+        survived. One tower pass either way. In-LLM methods leave the tower's output whole.
         """
         if not self.is_loaded:
             raise ValueError(f"the vision tower {self.vision_tower_name!r} is not loaded yet (call load_model())")
-        compress = compression is not None and compression.enabled
+        settings = None if compression is None or not compression.enabled else compression.settings
+        if settings is not None and settings.stage == "llm":
+            settings = None
         adapter = self.adapter
+        # ZeRO-3 gathers parameters with hooks on a complete forward: do not stop early there
+        early_exit = not is_deepspeed_zero3_enabled()
         # [VisionZip-LLaVA] the original always runs the tower under no_grad; we keep gradients when the
         # tower itself is being trained (unfreeze_mm_vision_tower), and skip them otherwise.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._trainable()):
-            capture = adapter.run(
-                images.to(device=self.device),
-                self.select_layer,
-                capture_attn_input=compress,
-                # ZeRO-3 gathers parameters with hooks on a complete forward: do not stop early there
-                early_exit=not is_deepspeed_zero3_enabled(),
-            )
-            if not compress:
+            pixels = images.to(device=self.device)
+            if settings is None:
+                capture = adapter.run(pixels, self.select_layer, capture_attn_input=False, early_exit=early_exit)
                 return self.feature_select(capture.hidden).to(images.dtype), None
-            compressed = visionzip.compress_capture(adapter, capture, compression)
+            compressed = settings.encode(adapter, pixels, self.select_layer, early_exit=early_exit)
         return compressed.tokens.to(images.dtype), compressed
 
     def forward(self, images):
-        """Selected features of a batch (B, 3, S, S) -> (B, T, C), or of a list of (3, S, S) images."""
-        if isinstance(images, list):
-            return [self.encode(image.unsqueeze(0))[0] for image in images]
+        """Selected features of a batch (B, 3, S, S) -> (B, T, C), uncompressed (the original's call)."""
         return self.encode(images)[0]
 
     def check_compression(self, compression: CompressionConfig) -> None:

@@ -1,0 +1,271 @@
+"""The compiled inference path (llava.model.compiled) against eager generation on the tiny LLaVA-1.5 and
+LLaVA-NeXT checkpoints: same greedy tokens for a left-padded batch of 2 under vanilla, VisionZip and
+VisPruner, prefill logits within tolerance, multi-turn chat, and the refusals.
+
+Compilation here uses ``backend="aot_eager"``: the same dynamo trace (fullgraph, static shapes, the
+static cache mutated in place) as the default inductor backend, without inductor's C++ code generation,
+which takes minutes on a 2-core CPU (a manual inductor run on the NeXT model with VisPruner gave the same
+tokens). Tolerance: float32 on CPU; the compiled prefill runs on a bucket-padded sequence and a static
+cache of more slots, so SDPA reduces over more (masked, exactly zero) entries in other blocks: 1e-4.
+"""
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava.conversation import get_conv_template
+from llava.mm_utils import process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+from llava.model.compiled import CompiledLlava, bucket_length, check_compilable
+
+BACKEND = "aot_eager"
+NEW_TOKENS = 6
+COMPRESSIONS = ["none", "visionzip:54,10", "vispruner:32"]
+
+
+@pytest.fixture(scope="module")
+def models(official_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava-compiled")
+    for name in ("llava-v1.5-tiny", "llava-v1.6-tiny", "clip-vit-tiny-336"):
+        shutil.copytree(official_dir / name, root / name)
+    out = {}
+    for version in ("v1.5", "v1.6"):
+        tokenizer, model, processor, _ = load_pretrained_model(str(root / f"llava-{version}-tiny"), None, None,
+                                                               device="cpu")
+        out[version] = SimpleNamespace(tokenizer=tokenizer, model=model, processor=processor,
+                                       compiled=CompiledLlava(model, backend=BACKEND))
+    return out
+
+
+def prompt_ids(tokenizer, question: str) -> torch.Tensor:
+    conv = get_conv_template("vicuna_v1")
+    conv.append_message(conv.roles[0], "<image>\n" + question)
+    conv.append_message(conv.roles[1], None)
+    return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")
+
+
+def left_padded_batch(entry):
+    """Two prompts of different lengths, left-padded, and two images of different sizes."""
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for w, h in [(500, 375), (336, 700)]]
+    ids = [prompt_ids(entry.tokenizer, q) for q in ("What is in the picture?", "Describe the colors in detail, please.")]
+    width = max(len(x) for x in ids)
+    input_ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, width - len(x):] = x
+        mask[row, width - len(x):] = 1
+    assert mask[0].sum() != mask[1].sum()  # really padded
+    pixels = process_images(images, entry.processor, entry.model.config)
+    return input_ids, mask, pixels, [im.size for im in images]
+
+
+def eager_prompt(entry, input_ids, mask, pixels, sizes):
+    """What ``model.generate`` hands to transformers after the image path: embeddings, mask, positions."""
+    with torch.no_grad():
+        _, positions, prompt_mask, _, embeds, _ = entry.model.prepare_inputs_labels_for_multimodal(
+            input_ids, None, mask, None, None, pixels, sizes, padding_side="left")
+    return embeds, prompt_mask, positions
+
+
+@pytest.mark.parametrize("version", ["v1.5", "v1.6"])
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_compiled_greedy_tokens_equal_eager(models, version, compression):
+    # the image path (eager in both) runs once; the LLM side is compared from the same embeddings
+    entry = models[version]
+    entry.model.set_visual_compression(None if compression == "none" else compression)
+    embeds, mask, positions = eager_prompt(entry, *left_padded_batch(entry))
+    common = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+    with torch.no_grad():
+        eager = entry.model.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                     do_sample=False, **common)
+    compiled = entry.compiled.generate_from_embeddings(embeds, mask, **common)
+    assert compiled.shape == (2, NEW_TOKENS)
+    assert torch.equal(compiled, eager)
+
+
+def test_compiled_generate_from_ids_and_images_equals_eager(models):
+    # the whole entry point (image path included), twice: the second request reuses cache and graphs
+    entry = models["v1.5"]
+    entry.model.set_visual_compression("visionzip:54,10")
+    input_ids, mask, pixels, sizes = left_padded_batch(entry)
+    common = dict(attention_mask=mask, images=pixels, image_sizes=sizes, max_new_tokens=NEW_TOKENS,
+                  min_new_tokens=NEW_TOKENS, pad_token_id=0)
+    with torch.no_grad():
+        eager = entry.model.generate(input_ids, do_sample=False, **common)
+    assert torch.equal(entry.compiled.generate(input_ids, **common), eager)
+    assert torch.equal(entry.compiled.generate(input_ids, **common), eager)
+
+
+@pytest.mark.parametrize("version", ["v1.5", "v1.6"])
+def test_prefill_logits_within_tolerance(models, version):
+    entry = models[version]
+    entry.model.set_visual_compression("visionzip:54,10")
+    input_ids, mask, pixels, sizes = left_padded_batch(entry)
+    with torch.no_grad():
+        embeds, prompt_mask = entry.compiled.prompt_embeddings(input_ids, pixels, sizes, mask)
+        positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+        eager = entry.model(inputs_embeds=embeds, attention_mask=prompt_mask, position_ids=positions).logits[:, -1]
+        session = entry.compiled.session(batch=2, max_cache_len=512)
+        compiled = session.feed(embeds, prompt_mask)
+    assert embeds.shape[1] < bucket_length(embeds.shape[1])  # the bucket padding is exercised
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_multi_turn_chat_compiled_equals_eager(models):
+    from llava.serve.chat import ChatSession
+
+    entry = models["v1.5"]
+    entry.model.set_visual_compression("visionzip:54,10")
+    image = Image.fromarray((np.random.default_rng(5).random((300, 400, 3)) * 255).astype("uint8"))
+    replies = {}
+    for name, compiled in (("eager", None), ("compiled", entry.compiled)):
+        chat = ChatSession(entry.model, entry.tokenizer, entry.processor, compiled=compiled, max_cache_len=1024)
+        chat.set_image(image)
+        replies[name] = [chat.ask(q, max_new_tokens=5, temperature=0) for q in ("What is it?", "And the color?")]
+        replies[name + "_stats"] = chat.turns
+    assert replies["compiled"] == replies["eager"]
+    assert replies["compiled_stats"] == replies["eager_stats"]
+    assert replies["compiled_stats"][1].reused_cache  # the second turn continued on the static cache
+
+
+def test_in_llm_methods_are_refused_by_name(models, monkeypatch):
+    entry = models["v1.5"]
+    monkeypatch.setattr(entry.model, "get_visual_compression", lambda: SimpleNamespace(stage="llm", method="fastv"))
+    with pytest.raises(ValueError, match="in-LLM compression method 'fastv'"):
+        check_compilable(entry.model)
+    with pytest.raises(ValueError, match="'fastv'"):
+        entry.compiled.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+
+
+def test_buckets_and_limits(models):
+    assert [bucket_length(n) for n in (1, 64, 65, 600, 4096, 5000)] == [64, 64, 128, 1024, 4096, 8192]
+    with pytest.raises(ValueError, match="at least 1 token, got 0"):
+        bucket_length(0)
+    entry = models["v1.5"]
+    entry.model.set_visual_compression(None)
+    # the cache bookkeeping needs no compilation: backend "eager" runs the same static-cache code
+    session = CompiledLlava(entry.model, backend="eager").session(batch=1, max_cache_len=100)
+    embeds = entry.model.get_input_embeddings()(torch.tensor([[1, 2, 3]]))
+    session.feed(embeds)  # 3 tokens take a bucket of 64 slots
+    assert session.get_seq_length() == 3 and session.slots_used == 64
+    session.feed(embeds)  # a second bucket of 64 no longer fits, the 3 tokens do: fed at their length
+    assert session.get_seq_length() == 6 and session.slots_used == 67
+    longer = entry.model.get_input_embeddings()(torch.ones(1, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="holds 100 slots: 67 are used and this input needs 64 more"):
+        session.feed(longer)
+    with pytest.raises(ValueError, match="num_beams=2 needs eager"):
+        entry.compiled.generate(torch.tensor([[1, 2, 3]]), num_beams=2)
+    with pytest.raises(ValueError, match="buckets must be ascending"):
+        CompiledLlava(entry.model, backend=BACKEND, buckets=(128, 64))
+
+
+# ----- the bench's roofline and compiled ratios (no model) -------------------------------------------
+def test_roofline_counts_hand_computed():
+    from llava.bench.roofline import DevicePeaks, add_bounds, decode_cost, prefill_cost, tower_cost
+
+    shape = {"shape_hidden": 4, "shape_intermediate": 8, "shape_kv_width": 2, "shape_vocab": 10, "shape_layers": 3,
+             "shape_bytes_per_value": 2, "shape_tower_hidden": 2, "shape_tower_intermediate": 4,
+             "shape_tower_layers_run": 1, "shape_tower_patches": 4, "shape_patch": 1}
+    # per layer 2 d^2 + 2 d kv + 3 d m = 32 + 16 + 96 = 144 weights; LM head 40: (3 * 144 + 40) * 2 bytes
+    weights = (3 * 144 + 40) * 2
+    # prefill B=2, n=5: 3 * 2 * (2 * 5 * 144 + 2 * 25 * 4) + 2 * 2 * 4 * 10; KV written 2 * 3 * 2 * 5 * 2 * 2
+    assert prefill_cost(shape, 2, 5) == (3 * 2 * (1440 + 200) + 160, weights + 240)
+    # decode B=1 at context 7: 3 * (2 * 144 + 4 * 7 * 4) + 2 * 4 * 10; KV read 2 * 3 * 7 * 2 * 2
+    assert decode_cost(shape, 1, 7) == (3 * (288 + 112) + 80, weights + 168)
+    # tower, 2 views of 5 tokens: layer 2 * 5 * (16 + 16) + 4 * 25 * 2 = 520, patch embedding 2 * 4 * 3 * 2 = 48
+    assert tower_cost(shape, 2) == (2 * (520 + 48), (16 + 16) * 2)
+
+    peaks = DevicePeaks("test", flops_per_s=1e3, bytes_per_s=1e2, source="given")
+    row = {**shape, "batch": 1, "views_per_sample": 1, "seq_len": 5, "prefill_s": 20.0, "decode_s_per_token": 1.0}
+    add_bounds([row], peaks, new_tokens=4)
+    flops, num_bytes = prefill_cost(shape, 1, 5)
+    assert row["prefill_bound_s"] == max(flops / 1e3, num_bytes / 1e2)
+    assert row["prefill_bound_by"] == "memory" and row["prefill_vs_bound"] == 20.0 / row["prefill_bound_s"]
+    assert row["decode_bound_s"] == bound_of(decode_cost(shape, 1, 5 + 2), peaks)
+    assert "tower_bound_s" not in row  # no tower measurement in this row
+
+
+def bound_of(cost, peaks):
+    return max(cost[0] / peaks.flops_per_s, cost[1] / peaks.bytes_per_s)
+
+
+def test_compiled_rows_compare_to_their_eager_rows():
+    from llava.bench.report import add_ratios
+
+    rows = [
+        {"batch": 1, "method": "none", "generate_s": 4.0, "prefill_s": 2.0},
+        {"batch": 1, "method": "visionzip:64", "generate_s": 2.0, "prefill_s": 1.0},
+        {"batch": 1, "method": "none", "compiled": True, "generate_s": 1.0, "prefill_s": 1.0},
+        {"batch": 1, "method": "visionzip:64", "compiled": True, "generate_s": 0.5, "prefill_s": 0.25},
+    ]
+    add_ratios(rows)
+    assert rows[3]["prefill_speedup"] == 4.0  # vs the compiled vanilla row
+    assert rows[3]["compiled_prefill_speedup"] == 4.0 and rows[3]["compiled_generate_speedup"] == 4.0
+    assert rows[3]["generate_speedup_vs_eager_vanilla"] == 8.0
+    assert rows[1]["prefill_speedup"] == 2.0 and "compiled_prefill_speedup" not in rows[1]
+
+
+def test_sampling_choices():
+    from llava.model.compiled import pick_token
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pick_token(logits, False, None, None), logits.argmax(dim=-1))
+    # top-p this small keeps only the most likely token: sampling is then greedy
+    torch.manual_seed(0)
+    assert torch.equal(pick_token(logits, True, 0.7, 1e-6), logits.argmax(dim=-1))
+    assert pick_token(logits, True, 1.0, None).shape == (3,)
+    with pytest.raises(ValueError, match="temperature > 0, got 0"):
+        pick_token(logits, True, 0, None)
+
+
+def test_entry_points_take_one_compile_flag(models, monkeypatch):
+    from llava.eval import generate, run_llava
+    from llava.model.compiled import generate_function
+    from llava.serve import cli
+
+    assert run_llava.build_parser().parse_args(["--model-path", "m", "--image-file", "f", "--query", "q",
+                                                "--compile"]).compile
+    assert not cli.build_parser().parse_args(["--model-path", "m", "--image-file", "f"]).compile  # off by default
+    assert generate.build_parser().parse_args(["--format", "vqa", "--model-path", "m", "--question-file", "q",
+                                               "--answers-file", "a", "--compile"]).compile
+    model = models["v1.5"].model
+    assert generate_function(model, False) == model.generate
+    assert isinstance(generate_function(model, True).__self__, CompiledLlava)
+    monkeypatch.setattr(model, "get_visual_compression", lambda: SimpleNamespace(stage="llm", method="pdrop"))
+    with pytest.raises(ValueError, match="'pdrop'"):
+        generate_function(model, True)
+
+
+@pytest.mark.parametrize("spec", ["fastv:64,1"])  # tokens, layer: fits the 2-layer tiny LLM
+def test_registered_in_llm_methods_are_refused(models, spec):
+    entry = models["v1.5"]
+    entry.model.set_visual_compression(spec)
+    try:
+        name = spec.split(":")[0]
+        with pytest.raises(ValueError, match=f"in-LLM compression method '{name}'"):
+            generate_function_for(entry.model)
+        with pytest.raises(ValueError, match=f"'{name}'"):
+            ChatSession_compiled(entry).ask("What is it?")
+    finally:
+        entry.model.set_visual_compression(None)
+
+
+def generate_function_for(model):
+    from llava.model.compiled import generate_function
+
+    return generate_function(model, True)
+
+
+def ChatSession_compiled(entry):  # noqa: N802 - reads as the class it builds
+    from llava.serve.chat import ChatSession
+
+    chat = ChatSession(entry.model, entry.tokenizer, entry.processor, compiled=entry.compiled, max_cache_len=1024)
+    chat.image = Image.new("RGB", (336, 336))  # the refusal comes before any image work
+    chat.image_features = None
+    return chat

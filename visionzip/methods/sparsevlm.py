@@ -1,0 +1,272 @@
+"""SparseVLM (Zhang et al., ICML 2025), v1.0: text-guided visual-token sparsification inside the LLM with
+token recycling.
+
+Official code: Gumpest/SparseVLMs at 26a5f48, ``llava/model/language_model/modelling_sparse_llama.py``
+(``LlamaModel.forward``), ``score.py`` (``attn_postprocess_topk``, the per-budget tables) and ``utils.py``
+(``cluster_and_merge``). The steps (docs/methods.md, "sparsevlm"):
+
+1. Raters, once, on the input embeddings: ``softmax(V T^T, over text).mean(over visual)`` for the text
+   tokens T after the image; the text tokens above the mean rate the visual tokens.
+2. After each sparse layer (2, 6, 15) its attention (heads averaged, the raters' rows over the visual
+   columns, averaged over raters) keeps the top ``min(count, v - 1)`` visual tokens.
+3. Recycling: the 30 % (+1) best-rated pruned tokens (taken from that layer's output) are clustered
+   (DPC-kNN, ``int(n / 10) + 1`` centres) and the cluster means go right after the kept visual tokens.
+4. Positions are renumbered contiguously; decoding continues each layer's positions from its cache.
+
+What we changed and why: the rater rows are computed from q and k (no eager attention maps, SDPA kept);
+each sample has its own raters, selection and clusters (the official reads batch index 0 and hard-codes a
+576-token image at ``pre_prompt_length_list[0]``); the visual positions come from the splice; the
+clustering's ``torch.rand * 1e-6`` density noise (a tie breaker, and ties are systematic: two mutual
+nearest neighbours have equal density) is drawn from a generator seeded ``seed + stage`` per sample instead
+of the global RNG, so results are reproducible and a batch gives what its samples give alone; counts scale
+per view on LLaVA-NeXT (``count * V // view_tokens``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..eager_llama import eager_layer
+from ..llm import PruningContext, Selection, check_pruner_layers, top_visual
+from .base import MethodSettings, check_count, register_method
+
+VIEW_TOKENS = 576
+# score.py (v1.0): visual tokens left after layers 2 / 6 / 15, per RETAIN_TOKN budget
+SPARSEVLM_BUDGETS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+OFFICIAL_LAYERS = (2, 6, 15)
+RECYCLE_SHARE = 0.3
+
+
+def text_raters(embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's raters of one sample: embeds (N, C), visual (N,) bool -> indices of the rating text tokens
+    (the tokens after the last visual token whose mean relevance to the visual tokens is above average)."""
+    positions = torch.nonzero(visual).flatten()
+    text_start = int(positions[-1]) + 1
+    if text_start >= embeds.shape[0]:
+        raise ValueError(
+            "sparsevlm rates visual tokens by the text after the image, but a sample has 0 text tokens after "
+            "its last visual token (at least 1 needed)"
+        )
+    relevance = (embeds[positions] @ embeds[text_start:].T).softmax(dim=1).mean(dim=0)
+    raters = torch.nonzero(relevance > relevance.mean()).flatten()
+    if raters.numel() == 0:
+        # all equally relevant (e.g. one text token): the official code averages over no rows (NaN); all rate
+        raters = torch.arange(relevance.shape[0], device=embeds.device)
+    return raters + text_start
+
+
+def cluster_and_merge(tokens: torch.Tensor, clusters: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DPC-kNN clustering of ``tokens`` (B, N, C) into ``clusters`` means (B, clusters, C), as the official
+    ``utils.cluster_and_merge``, including its ``rand * 1e-6`` density noise: it breaks the ties that are
+    systematic here (two mutual nearest neighbours have equal density when few clusters are asked for).
+    ``generator``: where the noise is drawn from (None: the global RNG, as the official code)."""
+    batch, length, width = tokens.shape
+    dist = torch.cdist(tokens.float(), tokens.float()) / width**0.5
+    nearest = dist.topk(clusters, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(dim=-1)).exp()
+    noise = torch.rand(density.shape, generator=generator, device=density.device, dtype=density.dtype)
+    density = density + noise * 1e-6
+    higher = (density[:, None, :] > density[:, :, None]).to(dist.dtype)
+    dist_max = dist.flatten(1).max(dim=-1).values[:, None, None]
+    parent_dist = (dist * higher + dist_max * (1 - higher)).min(dim=-1).values
+    centres = (parent_dist * density).topk(clusters, dim=-1).indices  # (B, clusters)
+    to_centre = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, length))  # (B, clusters, N)
+    assignment = to_centre.argmin(dim=1)  # (B, N)
+    assignment.scatter_(1, centres, torch.arange(clusters, device=tokens.device).expand(batch, -1))
+    sums = tokens.new_zeros(batch, clusters, width).scatter_add_(1, assignment.unsqueeze(-1).expand(-1, -1, width), tokens)
+    counts = tokens.new_zeros(batch, clusters).scatter_add_(1, assignment, tokens.new_ones(batch, length))
+    return sums / (counts + 1e-6).unsqueeze(-1)
+
+
+def recycled_count(pruned: int) -> tuple[int, int]:
+    """(tokens recycled, clusters) for ``pruned`` tokens: ``int(0.3 n) + 1`` and ``int(that / 10) + 1``."""
+    recycled = int(pruned * RECYCLE_SHARE) + 1
+    return recycled, int(recycled / 10) + 1
+
+
+@dataclass
+class SparseVLMPruner:
+    """The ``LLMTokenPruner`` of SparseVLM: drops after each sparse layer, scored by that layer."""
+
+    sparse_layers: tuple[int, ...]
+    counts: tuple[int, ...]
+    recycle: bool = True
+    view_tokens: int | None = VIEW_TOKENS
+    seed: int = 0
+    keep_original_positions: bool = False
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(layer + 1 for layer in self.sparse_layers)
+
+    def score_layer(self, layer: int) -> int:
+        return layer - 1
+
+    def select(self, context: PruningContext) -> Selection:
+        stage = self.layers.index(context.layer)
+        batch = context.visual_mask.shape[0]
+        device = context.visual_mask.device
+        # raters (input index space) -> their current positions (text tokens are never dropped)
+        raters = [text_raters(e, v) for e, v in zip(context.inputs_embeds, context.input_visual_mask)]
+        longest = max(len(r) for r in raters)
+        query = torch.zeros(batch, longest, dtype=torch.long, device=device)
+        weight = torch.zeros(batch, longest, device=device)
+        for row, rater in enumerate(raters):
+            current = torch.nonzero(context.input_index[row].unsqueeze(1) == rater.unsqueeze(0))[:, 0]
+            query[row, : len(current)] = current
+            query[row, len(current):] = current[0]
+            weight[row, : len(current)] = 1.0 / len(current)
+        rows = context.attention_rows(query).mean(dim=1)  # (B, Q, N)
+        scores = (rows * weight.unsqueeze(-1)).sum(dim=1)  # (B, N)
+        visual_now = context.visual_mask.sum(dim=1)
+        count = self.counts[stage]
+        target = torch.full_like(visual_now, count) if self.view_tokens is None else (
+            context.initial_visual * count // self.view_tokens)
+        keep_visual = top_visual(scores, context.visual_mask, torch.minimum(target, visual_now - 1).clamp_min(0))
+        keep = keep_visual | (context.valid_mask & ~context.visual_mask)
+        last_visual = torch.where(context.visual_mask, torch.arange(scores.shape[1], device=device), -1).max(dim=1).values
+        width = context.hidden.shape[-1]
+        pieces = []
+        for row in range(batch):
+            pruned = torch.nonzero(context.visual_mask[row] & ~keep_visual[row]).flatten()
+            if not self.recycle or len(pruned) == 0:
+                pieces.append(context.hidden.new_zeros(0, width))
+                continue
+            recycled, clusters = recycled_count(len(pruned))
+            best = scores[row, pruned].topk(recycled).indices
+            generator = torch.Generator(device=device).manual_seed(self.seed + stage)
+            pieces.append(cluster_and_merge(context.hidden[row, pruned[best]].unsqueeze(0), clusters, generator)[0])
+        most = max(p.shape[0] for p in pieces)
+        extra = context.hidden.new_zeros(batch, most, width)
+        extra_valid = torch.zeros(batch, most, dtype=torch.bool, device=device)
+        for row, piece in enumerate(pieces):
+            extra[row, : piece.shape[0]] = piece
+            extra_valid[row, : piece.shape[0]] = True
+        return Selection(keep, extra, extra_valid, last_visual.clamp_min(0))
+
+
+@register_method
+@dataclass
+class SparseVLM(MethodSettings):
+    """SparseVLM v1.0: after LLM layer ``layers[s]`` keep ``counts[s]`` visual tokens per view, rated by
+    the text tokens most relevant to the image; the best-rated pruned ones are recycled into clusters."""
+
+    name: ClassVar[str] = "sparsevlm"
+    stage: ClassVar[str] = "llm"
+    summary: ClassVar[str] = "in the LLM: text-rated visual-token sparsification with token recycling"
+    reference: ClassVar[str] = "visionzip.methods.sparsevlm.official_sparsevlm"
+    needs_attention_input: ClassVar[bool] = False
+
+    layers: tuple = OFFICIAL_LAYERS
+    counts: tuple = SPARSEVLM_BUDGETS[64]
+    recycle: bool = True
+    seed: int = 0
+
+    def validate(self):
+        self.layers = tuple(self.layers)
+        self.counts = tuple(check_count("counts", c) for c in self.counts)
+        for layer in self.layers:
+            check_count("layers", layer, minimum=0)
+        if len(self.layers) != len(self.counts) or not self.layers:
+            raise ValueError(
+                f"sparsevlm: {len(self.layers)} layers {list(self.layers)} but {len(self.counts)} counts "
+                f"{list(self.counts)}; give one count per layer"
+            )
+        return self
+
+    @classmethod
+    def from_budget(cls, tokens: int) -> SparseVLM:
+        """The official table (score.py, v1.0): only these budgets exist."""
+        if tokens not in SPARSEVLM_BUDGETS:
+            raise ValueError(
+                f"sparsevlm has per-layer tables for {sorted(SPARSEVLM_BUDGETS)} visual tokens only, got {tokens}; "
+                "give sparsevlm:layers=...,counts=... for others"
+            )
+        return cls(layers=OFFICIAL_LAYERS, counts=SPARSEVLM_BUDGETS[tokens])
+
+    def tokens_per_view(self, num_tokens: int | None = None) -> int:
+        return self.llm_token_schedule(max(self.layers) + 2, num_tokens or VIEW_TOKENS)[-1]
+
+    def label(self) -> str:
+        return f"sparsevlm {'/'.join(str(c) for c in self.counts)}"
+
+    def check_llm(self, num_layers: int) -> None:
+        check_count("num_layers", num_layers)
+        for layer in self.layers:
+            if not 0 <= layer <= num_layers - 2:
+                raise ValueError(
+                    f"sparsevlm: sparse layer {layer} is outside [0, {num_layers - 2}] for an LLM of {num_layers} "
+                    "decoder layers (visual tokens leave after a sparse layer, so one layer must follow it)"
+                )
+        check_pruner_layers("sparsevlm", tuple(layer + 1 for layer in self.layers), num_layers)
+
+    def llm_pruner(self, num_layers: int, view_tokens: int | None = VIEW_TOKENS) -> SparseVLMPruner:
+        self.check_llm(num_layers)
+        return SparseVLMPruner(self.layers, self.counts, self.recycle, view_tokens, self.seed)
+
+    def llm_token_schedule(self, num_layers: int, visual_tokens: int, view_tokens: int | None = None) -> list[int]:
+        """Visual tokens per layer: the kept ones plus the recycled clusters from each sparse layer on."""
+        view = view_tokens or visual_tokens
+        stages = dict(zip(self.layers, self.counts))
+        out, current = [], visual_tokens
+        for layer in range(num_layers):
+            out.append(current)
+            if layer in stages:
+                kept = max(min(visual_tokens * stages[layer] // view, current - 1), 0)
+                clusters = recycled_count(current - kept)[1] if self.recycle and current > kept else 0
+                current = kept + clusters
+        return out
+
+
+@torch.no_grad()
+def official_sparsevlm(llm, lm_head, inputs_embeds, visual_mask, layers, counts, noise_seed: int | None = None):
+    """Re-enactment of the official SparseVLM v1.0 inference forward on one unpadded sample (Gumpest/SparseVLMs
+    at 26a5f48, ``modelling_sparse_llama.py`` ``LlamaModel.forward``, ``score.attn_postprocess_topk``,
+    ``utils.cluster_and_merge`` with its random tie noise), eager. ``counts`` are absolute (the official
+    table for a 576-token image). ``noise_seed``: None draws the noise from the global RNG as the official
+    code; an int draws stage s's from a generator seeded ``noise_seed + s`` (what the fast path does, so that
+    results are reproducible and do not depend on the batch). Returns (logits (1, N', vocab), visual tokens
+    after the last sparse layer)."""
+    span = torch.nonzero(visual_mask[0]).flatten()
+    v_token_start, v_token_num = int(span[0]), int(span.numel())
+    text_token_start = v_token_start + v_token_num
+    hidden = inputs_embeds
+    v_t = hidden[:, v_token_start:text_token_start, :]
+    t_t = hidden[:, text_token_start:, :]
+    m_v_t = (v_t @ t_t.transpose(1, 2)).softmax(2).mean(1)
+    t_token_idx = torch.where(m_v_t > m_v_t.mean())
+    position_ids = torch.arange(hidden.shape[1])[None]
+    table = dict(zip(layers, counts))
+    for layer_idx in range(len(llm.layers)):
+        out, attn = eager_layer(llm, layer_idx, hidden, position_ids)
+        if layer_idx in table:
+            avg = attn.mean(1)
+            rows = t_token_idx[1] + text_token_start
+            relation = avg[:, rows, v_token_start : v_token_start + v_token_num].mean(1)
+            mask = torch.zeros_like(relation, dtype=torch.bool)
+            _, indices = torch.topk(relation, min(table[layer_idx], v_token_num - 1), dim=1)
+            mask[0][indices] = True
+            policy = torch.ones(1, out.shape[1], dtype=torch.bool)
+            policy[:, v_token_start:text_token_start] = mask
+            sparse_idx = torch.where(~policy)[1]
+            stage1 = torch.where(~mask)[1]
+            stage1_scores = relation[0][stage1]
+            recycled = int(stage1.shape[0] * RECYCLE_SHARE) + 1
+            stage2 = stage1_scores.topk(recycled)[1]
+            sparse_tokens = out[:, sparse_idx][:, stage2]
+            clusters = int(sparse_tokens.shape[1] / 10) + 1
+            generator = None
+            if noise_seed is not None:
+                generator = torch.Generator(device=out.device).manual_seed(noise_seed + list(layers).index(layer_idx))
+            merged = cluster_and_merge(sparse_tokens, clusters, generator)
+            select = out[:, torch.where(policy)[1]]
+            kept = int(mask.sum())
+            hidden = torch.cat([select[:, : v_token_start + kept], merged, select[:, v_token_start + kept :]], dim=1)
+            position_ids = position_ids[:, : hidden.shape[1]]
+            v_token_num = kept + clusters
+            text_token_start = v_token_start + v_token_num
+        else:
+            hidden = out
+    return lm_head(llm.norm(hidden)), v_token_num
