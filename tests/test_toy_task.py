@@ -104,7 +104,8 @@ def test_accuracy_table_has_a_row_for_every_registered_method(evaluator):
     assert list(table) == methods
     for method in methods:
         assert table[method][1000] is None  # more tokens than the 576 patches: refused, named
-        assert reasons[method].startswith(f"{method}:1000: ")
+        # the first refused budget's reason (SparseVLM's paper layers do not fit this 4-layer LLM at 64 either)
+        assert reasons[method].startswith(f"{method}:1000: " if table[method][64] is not None else f"{method}:64: ")
     for method in ("visionzip", "vispruner"):
         score = table[method][64]
         assert score.visual_tokens == 64 and 0 <= score.accuracy <= 100
@@ -112,7 +113,7 @@ def test_accuracy_table_has_a_row_for_every_registered_method(evaluator):
     markdown = markdown_table(vanilla, table, reasons, 50.0, len(evaluator.items), budgets=(64, 1000))
     rows = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["vanilla", *methods]
-    assert all(f"n/a ({method}): {method}:1000: " in markdown for method in methods)
+    assert all(f"n/a ({method}): {reasons[method]}" in markdown for method in methods)
 
 
 def test_projector_tuning_refuses_no_compression(small_toy):

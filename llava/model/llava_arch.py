@@ -214,6 +214,8 @@ class LlavaMetaForCausalLM(ABC):
             return
         if config.settings.stage == "llm":
             config.settings.check_llm(int(self.config.num_hidden_layers))
+            tower = self.get_vision_tower()
+            config.settings.check_view(tower.num_patches + int(tower.select_feature == "cls_patch"))
         else:
             self.get_vision_tower().check_compression(config)
 

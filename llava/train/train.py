@@ -317,7 +317,8 @@ def summary_line(mode, bits, model, compression, dataset, tokens, plan, image_as
     trainable, total = count_parameters(model)
     images, texts = dataset.count_modalities()
     if compression.enabled:
-        visual = f"{tokens} visual tokens per image ({compression.spec()})"
+        settings = " ".join(f"{key}={value}" for key, value in compression.settings.to_dict().items())
+        visual = f"{tokens} visual tokens per image ({compression.method} {settings})"
     else:
         visual = f"{tokens} visual tokens per image (no compression)"
     if image_aspect_ratio == "anyres":

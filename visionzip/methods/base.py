@@ -198,6 +198,10 @@ class MethodSettings:
     def check_llm(self, num_layers: int) -> None:
         """Budget limits against an LLM of ``num_layers`` decoder layers (in-LLM methods)."""
 
+    def check_view(self, num_tokens: int) -> None:
+        """Budget limits against the ``num_tokens`` visual tokens one view puts into the LLM (in-LLM
+        methods; vision-side methods check against the encoder in ``check``)."""
+
     # ----- the work -----------------------------------------------------------------------------
     def compress(self, adapter: VisionEncoderAdapter, capture: EncoderCapture) -> CompressedTokens:
         """Encoder-output methods: compress an encoder pass captured by ``adapter.run``."""

@@ -100,6 +100,10 @@ class FastV(MethodSettings):
     def label(self) -> str:
         return f"fastv {self.tokens} K={self.layer}"
 
+    def check_view(self, num_tokens: int) -> None:
+        if self.tokens > num_tokens:
+            raise ValueError(f"fastv keeps tokens = {self.tokens} per view, more than the {num_tokens} visual tokens of a view")
+
     def check_llm(self, num_layers: int) -> None:
         check_count("num_layers", num_layers)
         check_pruner_layers("fastv", (self.layer,), num_layers)
