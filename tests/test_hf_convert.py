@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_llava_parity import CASES, CROSS_MACHINE_TOLERANCE, fixture_images
+from test_llava_parity import CASES, CROSS_MACHINE_TOLERANCE, copy_official_checkpoints, fixture_images
 from transformers import (
     CLIPImageProcessorPil,
     LlavaForConditionalGeneration,
@@ -36,13 +36,7 @@ HF_CLASSES = {"llava-v1.5-tiny": LlavaForConditionalGeneration, "llava-v1.6-tiny
 def checkpoints(official_dir, tmp_path_factory):
     """Copies of the fixtures (v1.5's mm_vision_tower made absolute, as test_llava_parity does) and their
     llava-hf conversions, v1.5 through the command line."""
-    root = tmp_path_factory.mktemp("convert")
-    for name in ("llava-v1.5-tiny", "llava-v1.6-tiny", "clip-vit-tiny-336"):
-        shutil.copytree(official_dir / name, root / name)
-    config_file = root / "llava-v1.5-tiny" / "config.json"
-    config = json.loads(config_file.read_text())
-    config["mm_vision_tower"] = str(root / "clip-vit-tiny-336")
-    config_file.write_text(json.dumps(config))
+    root = copy_official_checkpoints(official_dir, tmp_path_factory.mktemp("convert"))
     convert_main(["to-hf", str(root / "llava-v1.5-tiny"), str(root / "hf-v1.5")])
     to_hf(str(root / "llava-v1.6-tiny"), str(root / "hf-v1.6"))
     return root

@@ -83,11 +83,9 @@ def records(official_dir):
     return torch.load(official_dir / "llava_outputs_seed0.pt", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(official_dir, tmp_path_factory):
-    """Copies of the two checkpoints: v1.5 with mm_vision_tower pointed at the copied CLIP (absolute),
-    v1.6 left with its relative "clip-vit-tiny-336", which resolves beside the checkpoint folder."""
-    root = tmp_path_factory.mktemp("official")
+def copy_official_checkpoints(official_dir, root):
+    """Copy the two fixture checkpoints and their CLIP into ``root``; v1.5's mm_vision_tower is pointed at
+    the copied CLIP (absolute), v1.6's stays relative. Returns ``root``."""
     for name in ("llava-v1.5-tiny", "llava-v1.6-tiny", "clip-vit-tiny-336"):
         shutil.copytree(official_dir / name, root / name)
     config_file = root / "llava-v1.5-tiny" / "config.json"
@@ -95,6 +93,13 @@ def checkpoints(official_dir, tmp_path_factory):
     config["mm_vision_tower"] = str(root / "clip-vit-tiny-336")
     config_file.write_text(json.dumps(config))
     return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints(official_dir, tmp_path_factory):
+    """Copies of the two checkpoints: v1.5 with mm_vision_tower pointed at the copied CLIP (absolute),
+    v1.6 left with its relative "clip-vit-tiny-336", which resolves beside the checkpoint folder."""
+    return copy_official_checkpoints(official_dir, tmp_path_factory.mktemp("official"))
 
 
 @pytest.fixture(scope="module")
