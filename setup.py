@@ -35,6 +35,10 @@ setup(
     entry_points={
         "console_scripts": [
             "visionzip-demo=visionzip.demo:main",
-        ]
+        ],
+        # lmms-eval (>= 0.7) registers models from this group: --model visionzip_llava / visionzip_hf
+        "lmms_eval.models": [
+            "visionzip = llava.lmms_eval_plugin:manifests",
+        ],
     },
 )

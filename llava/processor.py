@@ -8,13 +8,15 @@ written once, as Hugging Face's llava processors own them for their models::
     inputs = processor(["What is in the picture?"], [image])       # LlavaInputs
     output_ids = model.generate(**inputs.generate_kwargs(), max_new_tokens=32)
 
-The training dataset uses ``image_pixels`` and ``image_token`` (its prompts are whole conversations,
-masked by ``llava.train.preprocess``).
+The training dataset (``llava.train.dataset.LazySupervisedDataset``) takes a processor too, made with
+``LlavaProcessor.for_training``: its template, ``image_token`` and ``image_pixels`` (its prompts are whole
+conversations, tokenized and masked by ``llava.train.preprocess``).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -29,6 +31,14 @@ from llava.conversation import Conversation, get_conv_template
 from llava.mm_utils import process_images, tokenizer_image_token
 
 PADDING_SIDES = ("left", "right")
+
+
+def image_token_text(mm_use_im_start_end: bool) -> str:
+    """The text that stands for one image in a prompt: ``<image>``, wrapped in ``<im_start>``/``<im_end>``
+    for models that use them."""
+    if mm_use_im_start_end:
+        return DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+    return DEFAULT_IMAGE_TOKEN
 
 
 def place_images(question: str, image_token: str, num_images: int) -> str:
@@ -49,19 +59,27 @@ def place_images(question: str, image_token: str, num_images: int) -> str:
 class LlavaInputs:
     """What ``LlavaProcessor`` returns. input_ids / attention_mask: (B, L) with ``IMAGE_TOKEN_INDEX`` where
     each image goes; images: (N, 3, S, S) pixels, or for anyres a list of (views_i, 3, S, S); image_sizes:
-    (width, height) of each image; prompts: the prompt strings."""
+    (width, height) of each image; prompts: the prompt strings. host_input_ids / host_attention_mask: the
+    same (B, L) tensors on the CPU, as tokenized before the move to the model's device (None: not kept)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     images: torch.Tensor | list[torch.Tensor] | None
     image_sizes: list[tuple[int, int]] | None
     prompts: list[str]
+    host_input_ids: torch.Tensor | None = None
+    host_attention_mask: torch.Tensor | None = None
 
     def generate_kwargs(self) -> dict:
-        """Keyword arguments for ``LlavaLlamaForCausalLM.generate`` / ``forward``."""
+        """Keyword arguments for ``LlavaLlamaForCausalLM.generate`` / ``forward`` (and the compiled path's
+        ``CompiledLlava.generate``). With images, the host copies of the prompt go along: the splice reads
+        the spliced width from them on the host instead of from the device (no host synchronisation in
+        the image path and the splice; ``LlavaMetaForCausalLM.splice_image_features``)."""
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.images is not None:
             out.update(images=self.images, image_sizes=self.image_sizes)
+            if self.host_input_ids is not None:
+                out.update(host_input_ids=self.host_input_ids, host_attention_mask=self.host_attention_mask)
         return out
 
 
@@ -98,13 +116,21 @@ class LlavaProcessor:
         weight = model.get_input_embeddings().weight
         return cls(tokenizer, image_processor, model.config, conv_mode, padding_side, weight.device, weight.dtype)
 
+    @classmethod
+    def for_training(cls, tokenizer, image_processor, conv_mode: str, *, image_aspect_ratio: str = "pad",
+                     image_grid_pinpoints=None, mm_use_im_start_end: bool = False):
+        """The training data's processor: the data arguments decide the image handling (LLaVA's training
+        writes them into the model config afterwards), pixels stay float32 on the CPU (the trainer moves
+        and casts batches), right padding. ``image_processor=None``: a text-only model."""
+        config = SimpleNamespace(image_aspect_ratio=image_aspect_ratio, image_grid_pinpoints=image_grid_pinpoints,
+                                 mm_use_im_start_end=mm_use_im_start_end)
+        return cls(tokenizer, image_processor, config, conv_mode, padding_side="right")
+
     # ----- prompts --------------------------------------------------------------------------------
     @property
     def image_token(self) -> str:
         """The text that stands for one image in a prompt (with start/end tokens where the model uses them)."""
-        if getattr(self.model_config, "mm_use_im_start_end", False):
-            return DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-        return DEFAULT_IMAGE_TOKEN
+        return image_token_text(bool(getattr(self.model_config, "mm_use_im_start_end", False)))
 
     def place_images(self, question: str, num_images: int) -> str:
         return place_images(question, self.image_token, num_images)
@@ -135,7 +161,13 @@ class LlavaProcessor:
 
     # ----- batches --------------------------------------------------------------------------------
     def pad(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad token-id sequences on ``padding_side`` -> (input_ids, attention_mask), both (B, L)."""
+        """Pad token-id sequences on ``padding_side`` -> (input_ids, attention_mask), both (B, L), on the
+        processor's device."""
+        input_ids, attention_mask = self.pad_on_host(sequences)
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def pad_on_host(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pad`` on the CPU."""
         width = max(len(x) for x in sequences)
         input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -143,7 +175,7 @@ class LlavaProcessor:
             span = slice(width - len(ids), width) if self.padding_side == "left" else slice(0, len(ids))
             input_ids[row, span] = ids
             attention_mask[row, span] = 1
-        return input_ids.to(self.device), attention_mask.to(self.device)
+        return input_ids, attention_mask
 
     def __call__(self, questions: list[str] | str, images=None) -> LlavaInputs:
         """questions: one per sample; images: None, one PIL image per sample, or a list of images per
@@ -157,8 +189,9 @@ class LlavaProcessor:
                 raise ValueError(f"{len(questions)} questions but {len(images)} image entries")
             per_sample = [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
         prompts = [self.build_prompt(q, len(imgs)) for q, imgs in zip(questions, per_sample)]
-        input_ids, attention_mask = self.pad([self.tokenize(p) for p in prompts])
+        host_input_ids, host_attention_mask = self.pad_on_host([self.tokenize(p) for p in prompts])
+        input_ids, attention_mask = host_input_ids.to(self.device), host_attention_mask.to(self.device)
         flat = [image for imgs in per_sample for image in imgs]
         pixels = self.image_pixels(flat) if flat else None
         sizes = [image.size for image in flat] if flat else None
-        return LlavaInputs(input_ids, attention_mask, pixels, sizes, prompts)
+        return LlavaInputs(input_ids, attention_mask, pixels, sizes, prompts, host_input_ids, host_attention_mask)

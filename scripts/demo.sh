@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: builds a tiny model locally (once, deterministically) and
-# runs VisionZip / VisPruner on it. Sets up .venv first if needed. Extra arguments go to llava.demo.
+# trains the toy LLaVA once (cached) and measures accuracy against visual tokens for every method.
+# Sets up .venv first if needed. Extra arguments go to llava.demo (the toy study).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"

@@ -1,6 +1,7 @@
 """The compiled inference path (llava.model.compiled) against eager generation on the tiny LLaVA-1.5 and
 LLaVA-NeXT checkpoints: same greedy tokens for a left-padded batch of 2 under vanilla, VisionZip and
-VisPruner, prefill logits within tolerance, multi-turn chat, and the refusals.
+VisPruner, prefill logits within tolerance, multi-turn chat, the entry points end to end (run_llava; the
+eval engine with a batch of 2), and the refusals of every in-LLM method.
 
 Compilation here uses ``backend="aot_eager"``: the same dynamo trace (fullgraph, static shapes, the
 static cache mutated in place) as the default inductor backend, without inductor's C++ code generation,
@@ -33,7 +34,7 @@ def models(official_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("llava-compiled")
     for name in ("llava-v1.5-tiny", "llava-v1.6-tiny", "clip-vit-tiny-336"):
         shutil.copytree(official_dir / name, root / name)
-    out = {}
+    out = {"root": root}
     for version in ("v1.5", "v1.6"):
         tokenizer, model, processor, _ = load_pretrained_model(str(root / f"llava-{version}-tiny"), None, None,
                                                                device="cpu")
@@ -242,7 +243,8 @@ def test_entry_points_take_one_compile_flag(models, monkeypatch):
         generate_function(model, True)
 
 
-@pytest.mark.parametrize("spec", ["fastv:64,1"])  # tokens, layer: fits the 2-layer tiny LLM
+# every in-LLM method, with settings that fit the 2-layer tiny LLM
+@pytest.mark.parametrize("spec", ["fastv:64,1", "pdrop:layers=1,ratios=0.5", "sparsevlm:layers=0,counts=64"])
 def test_registered_in_llm_methods_are_refused(models, spec):
     entry = models["v1.5"]
     entry.model.set_visual_compression(spec)
@@ -269,3 +271,155 @@ def ChatSession_compiled(entry):  # noqa: N802 - reads as the class it builds
     chat.image = Image.new("RGB", (336, 336))  # the refusal comes before any image work
     chat.image_features = None
     return chat
+
+
+def test_run_llava_compile_flag_end_to_end_equals_eager(models, tmp_path):
+    # the whole entry point on the LLaVA-NeXT (anyres) checkpoint with VisionZip: --compile aot_eager (the
+    # inductor default takes minutes to build on a small CPU) gives eager's greedy reply
+    from llava.eval import run_llava
+    from llava.model.compiled import compile_backend
+
+    image = tmp_path / "image.png"
+    Image.fromarray((np.random.default_rng(7).random((300, 420, 3)) * 255).astype("uint8")).save(image)
+    argv = ["--model-path", str(models["root"] / "llava-v1.6-tiny"), "--image-file", str(image), "--query",
+            "What is shown?", "--temperature", "0", "--max_new_tokens", "5", "--device", "cpu",
+            "--compression", "visionzip:54,10"]
+    parser = run_llava.build_parser()
+    assert parser.parse_args(argv).compile is None and parser.parse_args(argv + ["--compile"]).compile == "inductor"
+    assert compile_backend(True) == "inductor" and compile_backend(False) is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv + ["--compile", "tensorrt"])
+    eager = run_llava.eval_model(parser.parse_args(argv))
+    compiled = run_llava.eval_model(parser.parse_args(argv + ["--compile", "aot_eager"]))
+    assert eager and compiled == eager  # a non-empty reply, the same
+
+
+def test_eval_engine_compile_batch_of_two_equals_eager(models):
+    # the eval engine (llava.eval.generate) on the LLaVA-NeXT checkpoint: a left-padded batch of 2 with images
+    # of different sizes (ragged visual token counts) under VisPruner, compiled (aot_eager) vs eager
+    from llava.eval.formats import EvalItem
+    from llava.eval.generate import LlavaAnswerer
+    from visionzip import CompressionConfig
+
+    rng = np.random.default_rng(11)
+    images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for w, h in [(640, 300), (300, 520)]]
+    items = [EvalItem(key=str(i), question_id=i, question=q, prompt=q, load_image=lambda im=im: im)
+             for i, (q, im) in enumerate(zip(["What is this?", "Which colors are in the picture, roughly?"], images))]
+    answers = {}
+    for compile in (None, "aot_eager"):
+        answerer = LlavaAnswerer(str(models["root"] / "llava-v1.6-tiny"), None, "vicuna_v1",
+                                 CompressionConfig.parse("vispruner:32"), "cpu", "float32", max_new_tokens=5,
+                                 compile=compile)
+        answers[compile] = answerer(items)
+    assert all(tokens > 0 for _, tokens in answers[None])  # tokens were decoded: a real comparison
+    assert answers["aot_eager"] == answers[None]
+
+
+# ----- the image path (tower + compression + projector) as one captured graph -------------------------
+def test_encoder_loop_equals_the_models_own_forward(official_dir):
+    # adapter.run's explicit layer loop (what torch.compile captures) against the model's own forward
+    # with capture hooks (early_exit=False): the same tensors, for CLIP (pre-layer norm, CLS) and SigLIP
+    from transformers import CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    import visionzip
+
+    torch.manual_seed(0)
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                  num_attention_heads=4, image_size=32, patch_size=8,
+                                                  attn_implementation="sdpa")).eval()
+    clip = CLIPVisionModel.from_pretrained(str(official_dir / "clip-vit-tiny-336"), attn_implementation="sdpa").eval()
+    for tower in (clip, siglip):
+        adapter = visionzip.encoder_adapter(tower)
+        pixels = torch.randn(2, 3, adapter.image_size, adapter.image_size).clamp(-2, 2)
+        for select_layer in (-2, -1, 1):
+            with torch.no_grad():
+                loop = adapter.run(pixels, select_layer)
+                own = adapter.run(pixels, select_layer, early_exit=False)
+            assert loop.layer_index == own.layer_index
+            assert torch.equal(loop.hidden, own.hidden), (type(tower).__name__, select_layer)
+            assert torch.equal(loop.attn_input, own.attn_input), (type(tower).__name__, select_layer)
+        assert adapter.run(pixels, -2, capture_attn_input=False).attn_input is None
+
+
+def test_image_path_is_one_graph_equal_to_eager(models):
+    # tower + VisionZip scoring, selection and merge + projector for a fixed (batch, budget): one graph
+    # (fullgraph=True: a break would raise), with the ops of every stage in it, and eager's tensors
+    model = models["v1.5"].model
+    model.set_visual_compression("visionzip:54,10")
+    views = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(1)).clamp(-2, 2)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    try:
+        with torch.no_grad():
+            eager = model.project_views(views)
+            traced = torch.compile(model.project_views, backend=counting_backend, fullgraph=True, dynamic=False)(views)
+    finally:
+        model.set_visual_compression(None)
+    assert len(graphs) == 1
+    ops = {str(node.target) for node in graphs[0].graph.nodes}
+    # patch embedding, SDPA layers, top-k selection, contextual assignment and merge, projector
+    assert {"topk", "argmax", "scatter_add_"} <= ops
+    assert any("conv2d" in op for op in ops) and any("scaled_dot_product_attention" in op for op in ops)
+    assert traced.tokens.shape == (2, 64, model.config.hidden_size)
+    assert torch.equal(traced.tokens, eager.tokens)
+    assert torch.equal(traced.compressed.keep_indices, eager.compressed.keep_indices)
+    assert torch.equal(traced.compressed.tokens, eager.compressed.tokens)
+
+
+def test_compiled_runner_captures_the_image_path_per_batch_and_budget(models, caplog):
+    # the runner's image path: torch.compile(fullgraph=True, backend="aot_eager") per (batch, budget), eager's
+    # tensors bit for bit
+    import logging
+
+    model = models["v1.5"].model
+    runner = CompiledLlava(model, backend=BACKEND)
+    views = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(2)).clamp(-2, 2)
+    try:
+        for spec in ("visionzip:54,10", "visionzip:27,5"):  # another budget: a graph of its own
+            model.set_visual_compression(spec)
+            with torch.no_grad():
+                eager = model.project_views(views)
+                for _ in range(2):  # the second call replays the same graph
+                    assert torch.equal(runner.project_views(views).tokens, eager.tokens)
+        assert runner.captured_image_paths == 2 and runner.eager_image_paths == {}
+        # random seeds a torch.Generator per view while it runs: dynamo cannot capture that; it runs eagerly,
+        # with one warning naming it, and the same tokens
+        model.set_visual_compression("random:64")
+        spec = model.get_visual_compression().spec()
+        with torch.no_grad(), caplog.at_level(logging.WARNING, logger="llava.model.compiled"):
+            first = runner.project_views(views).tokens
+            second = runner.project_views(views).tokens
+        assert torch.equal(first, model.project_views(views).tokens) and torch.equal(first, second)
+        assert list(runner.eager_image_paths) == [spec] and runner.captured_image_paths == 2
+        assert sum(spec in record.getMessage() for record in caplog.records if record.levelno == logging.WARNING) == 1
+    finally:
+        model.set_visual_compression(None)
+
+
+def test_many_prefill_shapes_never_reach_dynamos_recompile_limit(models):
+    # dynamo allows 8 graphs per code object and, under fullgraph=True, fails the 9th; the runner gives each
+    # (batch, length, cache length) a code object of its own. 10 prefill lengths + the decode step here.
+    model = models["v1.5"].model
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    runner = CompiledLlava(model, backend=counting_backend, buckets=tuple(range(1, 17)))
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        for n in range(2, 12):
+            embeds = torch.randn(1, n, hidden, generator=torch.Generator().manual_seed(n)) * 0.02
+            session = runner.session(1, 16)
+            logits = session.feed(embeds)
+            decoded = session.feed(embeds[:, -1:])
+            eager_prefill = model(inputs_embeds=embeds).logits[:, -1]
+            eager_decode = model(inputs_embeds=torch.cat([embeds, embeds[:, -1:]], dim=1)).logits[:, -1]
+            torch.testing.assert_close(logits, eager_prefill, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(decoded, eager_decode, rtol=1e-4, atol=1e-4)
+    assert runner.captured_llm_graphs == 11 and len(graphs) == 11

@@ -201,20 +201,22 @@ def bomb_dataset(tiny, folder, monkeypatch, **kwargs):
     """A two-sample dataset whose second image is over PIL's (lowered) decompression-bomb limit."""
     from transformers import CLIPImageProcessorPil
 
-    from llava.conversation import get_conv_template
     from llava.model.tiny import TOWER_DIR
     from llava.model.tokenizer import load_tokenizer
+    from llava.processor import LlavaProcessor
     from llava.train.dataset import LazySupervisedDataset
 
     write_synthetic_dataset(str(folder), num_image=2, num_text=0, multi_turn=False, image_size=(64, 48))
     records = json.loads((folder / "data.json").read_text())
     Image.new("RGB", (200, 200), (10, 20, 30)).save(folder / "images" / records[1]["image"].split("/")[-1])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 200 x 200 > 2 x 5000: a "bomb"; 64 x 48 is not
+    processor = LlavaProcessor.for_training(
+        load_tokenizer(tiny), CLIPImageProcessorPil.from_pretrained(os.path.join(tiny, TOWER_DIR)), "v1",
+        image_aspect_ratio="pad",
+    )
     return LazySupervisedDataset(
-        str(folder / "data.json"), load_tokenizer(tiny), get_conv_template("v1"),
-        image_folder=str(folder / "images"),
-        image_processor=CLIPImageProcessorPil.from_pretrained(os.path.join(tiny, TOWER_DIR)),
-        image_aspect_ratio="pad", model_max_length=512, visual_tokens_per_image=64, **kwargs,
+        str(folder / "data.json"), processor, image_folder=str(folder / "images"), model_max_length=512,
+        visual_tokens_per_image=64, **kwargs,
     )
 
 

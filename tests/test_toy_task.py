@@ -1,8 +1,9 @@
 """The toy task and toy LLaVA (llava.toy) and the toy study's accuracy table (llava.toy.study).
 
-A smaller toy model (fewer scenes and steps, the same 24-layer ViT-L/14-336 token geometry) is trained
-through llava.train.train once per module, and the accuracy table must have a row for every registered
-method."""
+A smaller toy model (112 px images: 8 x 8 patches + CLS instead of 24 x 24, fewer scenes and steps; the
+same task, recipe and code path) is trained through llava.train.train once per module: it must learn the
+task (held-out accuracy far above the majority answer), and the accuracy table must have a row for every
+registered method."""
 from __future__ import annotations
 
 import hashlib
@@ -11,14 +12,16 @@ import random
 
 import pytest
 
-from llava.toy import QUESTION_TYPES, ToySettings, make_scene, prepare_toy
+from llava.toy import QUESTION_TYPES, ToySettings, majority_baseline, make_scene, prepare_toy
 from llava.toy.evaluate import ToyEvaluator
 from llava.toy.model import tune_projector
 from llava.toy.study import accuracy_rows, markdown_table
 from llava.toy.task import COLOURS, scene_questions, write_eval_set, write_train_set
 from visionzip import registered_methods
 
-SMALL = ToySettings(train_images=160, eval_images=36, epochs=1, batch_size=4, learning_rate=3e-3)
+# 320 steps: measured on seeds 0-2, held-out accuracy 70-88 % (colour 95-100 %, count 45-75 %) against a
+# majority answer of 30-43 %; 160 steps were not enough on every seed
+SMALL = ToySettings(image_size=112, train_images=320, eval_images=40, epochs=8, vision_layers=3)
 
 
 def file_digest(path) -> str:
@@ -40,7 +43,7 @@ def test_task_is_deterministic_and_in_llava_formats(tmp_path):
         assert file_digest(tmp_path / "a" / "images" / record["image"]) == \
             file_digest(tmp_path / "b" / "images" / record["image"])
 
-    question_file, annotation_file = write_eval_set(str(tmp_path / "eval"), 9, seed=3)
+    question_file, annotation_file = write_eval_set(str(tmp_path / "eval"), 6, seed=3)
     questions = [json.loads(line) for line in open(question_file)]
     annotations = json.load(open(annotation_file))
     assert [q["question_id"] for q in questions] == list(annotations)
@@ -52,20 +55,33 @@ def test_task_is_deterministic_and_in_llava_formats(tmp_path):
 
 def test_answers_match_the_drawn_scene():
     for seed in range(20):
-        scene = make_scene(seed)
-        image = scene.image()
-        assert image.size == (336, 336)
-        for kind, question, answer in scene_questions(scene, random.Random(seed)):
-            if kind == "count":
-                assert answer == str(len(scene.objects))
-            elif kind == "exist":
-                colour = question.split()[3]
-                assert answer == ("yes" if colour in [o.colour for o in scene.objects] else "no")
-            else:
-                (only,) = scene.objects
-                assert answer == only.colour
-                x0, y0, x1, y1 = only.box  # the shape's centre pixel has its colour
-                assert image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2 + 4)) == COLOURS[only.colour]
+        for side in (336, 112):
+            scene = make_scene(seed, side)
+            image = scene.image()
+            assert image.size == (side, side) and 1 <= len(scene.objects) <= 3
+            assert len({o.colour for o in scene.objects}) == 1
+            answers = {kind: answer for kind, _question, answer in scene_questions(scene, random.Random(seed))}
+            assert set(answers) == set(QUESTION_TYPES)
+            assert answers["count"] == str(len(scene.objects))
+            assert answers["colour"] == scene.objects[0].colour
+            for obj in scene.objects:  # each shape's centre pixel has the answer's colour
+                x0, y0, x1, y1 = obj.box
+                assert image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2)) == COLOURS[answers["colour"]]
+            boxes = [o.box for o in scene.objects]  # shapes do not overlap
+            assert all(a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+                       for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_tokenizer_knows_the_task_words(tmp_path):
+    """The toy tokenizer is trained with the task's text: each colour name and count is one piece."""
+    from llava.model.tiny import build_tiny_llava
+    from llava.model.tokenizer import load_tokenizer
+    from llava.toy.task import TASK_CORPUS
+
+    tokenizer = load_tokenizer(build_tiny_llava(str(tmp_path / "m"), hidden=16, layers=1, vision_hidden=8,
+                                                vision_layers=2, image_size=56, extra_corpus=TASK_CORPUS))
+    for word in (*COLOURS, "1", "2", "3"):
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path):
@@ -75,6 +91,10 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
         ToySettings(learning_rate=2.0)
     with pytest.raises(ValueError, match="num_images must be a positive integer"):
         write_eval_set(str(tmp_path), 0, seed=0)
+    with pytest.raises(ValueError, match=r"image_size must be a multiple of the 14 px patch and >= 56 \(3 shapes must fit\), got 100"):
+        ToySettings(image_size=100)
+    with pytest.raises(ValueError, match="vision_layers must be an integer >= 2"):
+        ToySettings(vision_layers=1)
     assert ToySettings().key() == ToySettings().key() != SMALL.key()
 
 
@@ -88,11 +108,16 @@ def evaluator(small_toy, tmp_path_factory):
     return ToyEvaluator(small_toy, tmp_path_factory.mktemp("answers"), batch_size=12)
 
 
-def test_small_toy_model_trains_through_the_entry_point_and_is_cached(small_toy):
-    """Training runs through llava.train.train and the loss falls; a second call reuses the run. (Learning
-    the task, i.e. beating the majority answer on held-out questions, is not reached yet: docs/toy_task.md.)"""
+def test_small_toy_model_learns_the_task_through_the_entry_point_and_is_cached(small_toy, evaluator):
+    """Training runs through llava.train.train; the model answers held-out questions far better than the
+    best answer-statistics guess (the majority answer per question type), every type above its chance; a
+    second call reuses the run."""
     assert not small_toy.cached
-    assert small_toy.train_losses[-1] < small_toy.train_losses[0]
+    assert small_toy.train_losses[-1] < small_toy.train_losses[0] / 4
+    majority = majority_baseline(str(small_toy.annotation_file))
+    vanilla = evaluator.evaluate("none")
+    assert vanilla.accuracy >= majority + 20, (vanilla, majority)
+    assert vanilla.by_type["colour"] >= 80, vanilla.by_type  # six colours: chance is 17 %
     again = prepare_toy(SMALL, small_toy.folder.parent, printer=lambda *a, **k: None)
     assert again.cached and again.model_path == small_toy.model_path and again.train_losses == small_toy.train_losses
 
@@ -100,17 +125,17 @@ def test_small_toy_model_trains_through_the_entry_point_and_is_cached(small_toy)
 def test_accuracy_table_has_a_row_for_every_registered_method(evaluator):
     methods = registered_methods()
     assert {"visionzip", "vispruner"} <= set(methods)
-    vanilla, table, reasons = accuracy_rows(evaluator, methods, budgets=(64, 1000), printer=lambda *a: None)
+    vanilla, table, reasons = accuracy_rows(evaluator, methods, budgets=(16, 1000), printer=lambda *a: None)
     assert list(table) == methods
     for method in methods:
-        assert table[method][1000] is None  # more tokens than the 576 patches: refused, named
-        # the first refused budget's reason (SparseVLM's paper layers do not fit this 4-layer LLM at 64 either)
-        assert reasons[method].startswith(f"{method}:1000: " if table[method][64] is not None else f"{method}:64: ")
+        assert table[method][1000] is None  # more tokens than the 64 patches: refused, named
+        # the first refused budget's reason (a method may refuse 16 on this small model too)
+        assert reasons[method].startswith(f"{method}:1000: " if table[method][16] is not None else f"{method}:16: ")
     for method in ("visionzip", "vispruner"):
-        score = table[method][64]
-        assert score.visual_tokens == 64 and 0 <= score.accuracy <= 100
+        score = table[method][16]
+        assert score.visual_tokens == 16 and 0 <= score.accuracy <= 100
         assert score.answers_file.is_file()
-    markdown = markdown_table(vanilla, table, reasons, 50.0, len(evaluator.items), budgets=(64, 1000))
+    markdown = markdown_table(vanilla, table, reasons, 50.0, len(evaluator.items), budgets=(16, 1000))
     rows = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["vanilla", *methods]
     assert all(f"n/a ({method}): {reasons[method]}" in markdown for method in methods)

@@ -14,6 +14,7 @@ from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.mm_utils import tokenizer_image_token
 from llava.model.tokenizer import load_tokenizer
+from llava.processor import LlavaProcessor
 from llava.train.arguments import (
     CompressionArguments,
     DataArguments,
@@ -120,12 +121,7 @@ def write_records(tmp_path, records, name="data.json"):
 
 def make_dataset(path, tokenizer, processor, folder=None, **kwargs):
     return LazySupervisedDataset(
-        path,
-        tokenizer,
-        get_conv_template("v1"),
-        image_folder=folder,
-        image_processor=processor,
-        image_aspect_ratio="pad",
+        path, LlavaProcessor.for_training(tokenizer, processor, "v1", image_aspect_ratio="pad"), image_folder=folder,
         **kwargs,
     )
 

@@ -6,7 +6,12 @@ scoring layer's attention is recomputed from its q and k for the rows that are n
 itself keeps running with its fast attention (SDPA / FlashAttention). We never ask the tower for
 ``output_attentions`` (that forces eager attention in all layers and keeps every attention map).
 
-Capture is done with hooks on the one layer that is scored, removed before ``run`` returns.
+``run`` is an explicit loop over the encoder's pieces (embeddings, the pre-layer norm where there is one,
+the layers up to the scored one), so the whole pass (and the compression after it) is plain tensor code
+that ``torch.compile(fullgraph=True)`` captures as one graph: no hooks, no exception to stop early. The
+scored layer's attention input is that layer's own pre-attention norm applied to its input (the same module
+on the same tensor as inside the layer: bit-identical). Only ``early_exit=False`` (DeepSpeed ZeRO-3, which
+gathers parameters with hooks on a complete forward) runs the model's own forward, with capture hooks.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ MAX_NORMALISED_PIXEL = 10.0
 
 
 class _StopEncoder(Exception):
-    """Raised by the capture hook to skip the layers after the one we need."""
+    """Raised by a capture hook to skip the layers after the one needed (adapters that still capture with
+    hooks, e.g. ``visionzip.hf.internvl``; this module's ``run`` loops over the layers instead)."""
 
 
 @dataclass
@@ -39,11 +45,16 @@ class EncoderCapture:
 
 
 class VisionEncoderAdapter:
-    """Structural view of an HF vision transformer: ``embeddings``, ``encoder.layers[i].self_attn``
-    with ``q_proj`` / ``k_proj`` / ``num_heads`` / ``head_dim`` / ``scale``."""
+    """Structural view of an HF vision transformer: ``embeddings``, an optional pre-layer norm,
+    ``encoder.layers[i]`` with its pre-attention norm and ``self_attn`` (``q_proj`` / ``k_proj`` /
+    ``num_heads`` / ``head_dim`` / ``scale``)."""
 
     has_cls: bool = True
     family: str = "vit"
+    # the norm applied to the embeddings before the first layer (CLIP's ``pre_layrnorm``), None: none
+    pre_norm: str | None = None
+    # the layer's norm in front of its self-attention: its output is the attention input
+    attention_norm: str = "layer_norm1"
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -133,6 +144,18 @@ class VisionEncoderAdapter:
             )
 
     # ----- running --------------------------------------------------------------------------
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels -> (B, N, C) the first layer's input: the embeddings, then the pre-layer
+        norm where the encoder has one (what the model's own forward computes before its layers)."""
+        hidden = self.core.embeddings(pixel_values)
+        if self.pre_norm is not None:
+            hidden = getattr(self.core, self.pre_norm)(hidden)
+        return hidden
+
+    def attention_input(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) the input of layer ``layer_index`` -> its attention input (its pre-attention norm)."""
+        return getattr(self.layers[layer_index], self.attention_norm)(hidden)
+
     def run(
         self,
         pixel_values: torch.Tensor,
@@ -143,11 +166,25 @@ class VisionEncoderAdapter:
         """Run the tower up to (and including) the selected layer and capture its output and,
         optionally, its attention input.
 
-        ``early_exit`` skips the layers after the selected one (LLaVA never uses them); turn it off when
-        something else must see a complete forward (e.g. DeepSpeed ZeRO-3 parameter hooks).
+        ``early_exit`` skips the layers after the selected one (LLaVA never uses them): an explicit loop
+        over the layers, traceable as one graph by ``torch.compile(fullgraph=True)``. Turn it off when
+        something else must see a complete forward (e.g. DeepSpeed ZeRO-3 parameter hooks): the model's
+        own forward then runs to the end, with hooks capturing the selected layer (same tensors).
         """
         self.check_pixels(pixel_values)
         index = self.layer_index(select_layer)
+        pixel_values = pixel_values.to(dtype=next(self.model.parameters()).dtype)
+        if not early_exit:
+            return self._run_complete(pixel_values, index, capture_attn_input)
+        hidden = self.embed(pixel_values)
+        for layer in self.layers[:index]:
+            hidden = layer(hidden, None)
+        attn_input = self.attention_input(index, hidden) if capture_attn_input else None
+        hidden = self.layers[index](hidden, None)
+        return EncoderCapture(hidden, attn_input, index)
+
+    def _run_complete(self, pixel_values: torch.Tensor, index: int, capture_attn_input: bool) -> EncoderCapture:
+        """``run`` through the model's own complete forward, capturing layer ``index`` with hooks."""
         layer = self.layers[index]
         captured: dict[str, torch.Tensor] = {}
 
@@ -156,17 +193,12 @@ class VisionEncoderAdapter:
 
         def grab_output(module, args, output):
             captured["hidden"] = output[0] if isinstance(output, tuple) else output
-            if early_exit:
-                raise _StopEncoder
 
         handles = [layer.register_forward_hook(grab_output)]
         if capture_attn_input:
             handles.append(layer.self_attn.register_forward_pre_hook(grab_attn_input, with_kwargs=True))
         try:
-            dtype = next(self.model.parameters()).dtype
-            self.model(pixel_values.to(dtype=dtype))
-        except _StopEncoder:
-            pass
+            self.model(pixel_values)
         finally:
             for handle in handles:
                 handle.remove()
@@ -196,6 +228,7 @@ class VisionEncoderAdapter:
 class CLIPEncoderAdapter(VisionEncoderAdapter):
     has_cls = True
     family = "clip"
+    pre_norm = "pre_layrnorm"
 
 
 class SiglipEncoderAdapter(VisionEncoderAdapter):

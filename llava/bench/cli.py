@@ -126,7 +126,12 @@ def method_rows(model, inputs, method: BenchMethod, args, compiled) -> list[dict
     """The eager row of one method, and its compiled row with --compile (official rows: eager only)."""
     rows = [run_method(model, inputs, method, settings_from(args))]
     if compiled is not None and not method.official:
-        rows.append(run_compiled(model, inputs, method, settings_from(args), compiled))
+        if method.compression.enabled and method.compression.stage == "llm":
+            # the compiled path refuses in-LLM methods (llava.model.compiled.check_compilable): eager row only
+            print(f"--compile: no compiled row for the in-LLM method {method.spec} (it runs eager only)",
+                  file=sys.stderr)
+        else:
+            rows.append(run_compiled(model, inputs, method, settings_from(args), compiled))
     return rows
 
 

@@ -147,11 +147,13 @@ def official_table(rows: list[dict]) -> str:
 
 def audit_table(rows: list[dict]) -> str:
     header = ["batch", "method", "tower layers run", "N x N attention maps", "dense one-hot merge",
-              "host syncs (step)", "tower passes per batch", "host syncs (whole image path + splice)"]
+              "host syncs (step)", "tower passes per batch", "host syncs (image path + splice, width known)",
+              "host syncs (width read)"]
     lines = [[
         str(r["batch"]), r["label"], fmt(r.get("audit_layers_run"), "d"), fmt(r.get("audit_full_attention_maps"), "d"),
         fmt(r.get("audit_dense_one_hot_merge")), fmt(r.get("audit_host_syncs"), "d"),
         fmt(r.get("audit_tower_passes"), "d"), fmt(r.get("audit_request_host_syncs"), "d"),
+        fmt(r.get("audit_request_host_syncs_width_unknown"), "d"),
     ] for r in rows if "audit_layers_run" in r]
     return _table(header, lines) if lines else ""
 

@@ -28,6 +28,7 @@ from visionzip.profiling import PeakMemory, measure, measure_interleaved, synchr
 from .geometry import kv_cache_bytes, llm_layer_flops
 from .roofline import model_shape
 from .setup import BenchInputs, BenchMethod
+from .syncs import HostSyncAudit
 
 STAGES = ("vision", "projector", "prefill", "generate", "audit")
 
@@ -111,7 +112,9 @@ def audit_call(fn, tower_model, num_tokens: int, merge_shape: tuple[int, int] | 
     """Run ``fn`` once and count what a lean path must not do.
 
     full_attention_maps: softmaxes over an (N x N) map of the tower's N tokens (eager attention, or a
-    scored layer computed in full). host_syncs: calls that wait for the device (see ``SYNC_CALLS``).
+    scored layer computed in full). host_syncs: calls that wait for the device (see ``SYNC_CALLS``);
+    aten_host_syncs: the same counted per ATen operator (``llava.bench.syncs.HostSyncAudit``: sees the
+    reads inside library calls too); host_copies: tensors made from host data (host-to-device copies).
     dense_one_hot_merge: a matrix product with an operand of shape (B, contextual, remaining - contextual),
     i.e. the official one-hot merge. tower_passes / layers_run: forward calls of the tower's embeddings and
     encoder layers (one pass per batch: no loop over images). cuda_sync_warnings: on CUDA, synchronising
@@ -130,6 +133,7 @@ def audit_call(fn, tower_model, num_tokens: int, merge_shape: tuple[int, int] | 
     handles += [layer.register_forward_hook(count("layers_run")) for layer in core.encoder.layers]
     on_cuda = torch.device(device).type == "cuda"
     audit = OpAudit(num_tokens, merge_shape)
+    aten = HostSyncAudit()  # the same question at the ATen level (library code included; llava.bench.syncs)
     try:
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -137,7 +141,7 @@ def audit_call(fn, tower_model, num_tokens: int, merge_shape: tuple[int, int] | 
                 synchronize(device)
                 torch.cuda.set_sync_debug_mode("warn")
             try:
-                with audit:
+                with audit, aten:
                     fn()
             finally:
                 if on_cuda:
@@ -149,6 +153,9 @@ def audit_call(fn, tower_model, num_tokens: int, merge_shape: tuple[int, int] | 
         "full_attention_maps": audit.full_attention_maps,
         "host_syncs": len(audit.host_syncs),
         "host_sync_calls": sorted(set(audit.host_syncs)),
+        "aten_host_syncs": aten.count,
+        "aten_host_sync_calls": sorted(aten.summary()),
+        "host_copies": len(aten.host_copies),
         "dense_one_hot_merge": audit.one_hot_products > 0,
         "tower_passes": counts["tower_passes"],
         "layers_run": counts["layers_run"] // max(counts["tower_passes"], 1),
@@ -342,13 +349,23 @@ def audit_method(model, inputs: BenchInputs, method: BenchMethod, step) -> dict:
     encode = audit_call(step, tower.vision_tower, num_tokens, shape, inputs.views.device.type)
     out = {f"audit_{k}": v for k, v in encode.items()}
     if not method.official:
-        # the whole image path of a request: encode + projector + splice into the text embeddings
-        def splice():
-            model.splice_multimodal(inputs.input_ids, inputs.images, inputs.image_sizes, padding_side="left")
+        # the whole image path of a request: encode + projector + splice into the text embeddings, with
+        # the output width known on the host (as a server knows it from the prompts it tokenized:
+        # ``spliced_length``), and without it (the splice then reads it once)
+        with torch.no_grad():
+            width = model.splice_multimodal(
+                inputs.input_ids, inputs.images, inputs.image_sizes, padding_side="left").inputs_embeds.shape[1]
 
-        whole = audit_call(splice, tower.vision_tower, num_tokens, shape, inputs.views.device.type)
-        out["audit_request_host_syncs"] = whole["host_syncs"]
-        out["audit_request_host_sync_calls"] = whole["host_sync_calls"]
+        def splice(length=None):
+            model.splice_multimodal(inputs.input_ids, inputs.images, inputs.image_sizes, padding_side="left",
+                                    length=length)
+
+        whole = audit_call(lambda: splice(width), tower.vision_tower, num_tokens, shape, inputs.views.device.type)
+        unknown = audit_call(splice, tower.vision_tower, num_tokens, shape, inputs.views.device.type)
+        out["audit_request_host_syncs"] = whole["aten_host_syncs"]
+        out["audit_request_host_sync_calls"] = whole["aten_host_sync_calls"]
+        out["audit_request_host_syncs_width_unknown"] = unknown["aten_host_syncs"]
+        out["audit_request_host_copies"] = whole["host_copies"]
         out["audit_request_tower_passes"] = whole["tower_passes"]
     return out
 
@@ -357,8 +374,9 @@ def audit_method(model, inputs: BenchInputs, method: BenchMethod, step) -> dict:
 def run_compiled(model, inputs: BenchInputs, method: BenchMethod, settings: Settings, compiled) -> dict:
     """The LLM side of one method on the compiled path (``llava.model.compiled.CompiledLlava``), measured
     as the eager row is: prefill (bucket-padded, static cache), decode per token, TTFT and generate(N).
-    The image path is eager in both, so the vision stages are not repeated. Warm-up is at least 2 rounds:
-    the first compiles (and on CUDA the next records the graphs)."""
+    The image path is eager in both, so the vision stages are not repeated; TTFT and generate pass the
+    prompt's host copy, so that their image path and splice make no host sync. Warm-up is at least 2
+    rounds: the first compiles (and on CUDA the next records the graphs)."""
     import math
 
     from llava.model.compiled import CACHE_ROUNDING, bucket_length
@@ -407,7 +425,10 @@ def run_compiled(model, inputs: BenchInputs, method: BenchMethod, settings: Sett
             row.update(prefill_s=statistics.median(prefill_times), decode_s_per_token=statistics.median(decode_times),
                        kv_cache_mib=mib(cache_bytes(compiled.cache_for(inputs.batch, cache_len))))
         if "generate" in settings.stages:
-            common = dict(images=inputs.images, image_sizes=inputs.image_sizes, eos_token_id=None)
+            # the prompt's host copy, as a server holds it from its tokenizer: the image path and the splice
+            # then make no host sync (the eager rows' generate reads the spliced width once)
+            common = dict(images=inputs.images, image_sizes=inputs.image_sizes, eos_token_id=None,
+                          host_input_ids=inputs.input_ids.cpu())
             holder = {}
 
             def full():  # eos_token_id=None: every run decodes N tokens (min_new_tokens of the eager row)

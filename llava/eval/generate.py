@@ -193,17 +193,17 @@ def generate_answers(
 class LlavaAnswerer:
     """Loads a LLaVA checkpoint (with its visual-token compression) and answers batches of items."""
 
-    def __init__(self, model_path: str, model_base: str | None, conv_mode: str, compression, device: str,
+    def __init__(self, model_path: str, model_base: str | None, conv_mode: str | None, compression, device: str,
                  dtype: str, temperature: float = 0.0, top_p: float | None = None, num_beams: int = 1,
                  max_new_tokens: int = 128, seed: int = 0, compile: bool = False):
         import torch
 
         from llava.conversation import conv_templates
         from llava.mm_utils import get_model_name_from_path
-        from llava.model.builder import load_pretrained_model
+        from llava.model.builder import default_conv_mode, load_pretrained_model
         from llava.processor import LlavaProcessor
 
-        if conv_mode not in conv_templates:
+        if conv_mode is not None and conv_mode not in conv_templates:
             raise ValueError(f"unknown --conv-mode {conv_mode!r}; known: {sorted(conv_templates)}")
         self.torch = torch
         self.device = resolve_device(device)
@@ -215,7 +215,9 @@ class LlavaAnswerer:
             torch_dtype=self.dtype,
         )
         self.model.eval()
-        self.processor = LlavaProcessor.from_model(self.model, self.tokenizer, self.image_processor, conv_mode)
+        # None: the checkpoint's template (mistral_instruct for llava_mistral, else vicuna_v1)
+        self.conv_mode = conv_mode or default_conv_mode(self.model)
+        self.processor = LlavaProcessor.from_model(self.model, self.tokenizer, self.image_processor, self.conv_mode)
         self.temperature, self.top_p, self.num_beams = temperature, top_p, num_beams
         self.max_new_tokens = max_new_tokens
         torch.manual_seed(seed)
@@ -290,7 +292,8 @@ def build_parser(default_format: str | None = None, default_max_new_tokens: int 
                         choices=["vqa", "science", "mmbench", "mmmu"], help="question file format")
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None)
-    parser.add_argument("--conv-mode", default="vicuna_v1")
+    parser.add_argument("--conv-mode", default=None,
+                        help="conversation template (default: the checkpoint's, mistral_instruct for llava_mistral, else vicuna_v1)")
     parser.add_argument("--question-file", required=True)
     parser.add_argument("--image-folder", default=None)
     parser.add_argument("--answers-file", required=True)
@@ -396,7 +399,12 @@ def main(argv=None, default_format: str | None = None, default_max_new_tokens: i
         check_generation_options(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        image_aspect_ratio = checkpoint_config(args.model_path, args.model_base).get("image_aspect_ratio")
+        config = checkpoint_config(args.model_path, args.model_base)
+        image_aspect_ratio = config.get("image_aspect_ratio")
+        if args.conv_mode is None and config:  # else: decided from the loaded model (LlavaAnswerer)
+            from llava.model.builder import default_conv_mode
+
+            args.conv_mode = default_conv_mode(config)
         compression, budget = resolve_compression(args, image_aspect_ratio)
         fmt = get_format(args.format)
         options = ReaderOptions(args.image_folder, args.single_pred_prompt, args.all_rounds, args.lang)
@@ -445,6 +453,8 @@ def main(argv=None, default_format: str | None = None, default_max_new_tokens: i
         args.model_path, args.model_base, args.conv_mode, compression, args.device, args.dtype,
         args.temperature, args.top_p, args.num_beams, args.max_new_tokens, args.seed, compile=args.compile,
     )
+    if args.conv_mode is None:  # config.json could not be read before loading: record the template that ran
+        settings["conv_mode"] = answerer.conv_mode
     loaded_aspect = getattr(answerer.model.config, "image_aspect_ratio", None)
     if image_aspect_ratio is None and loaded_aspect is not None:
         # config.json could not be read before loading: record what ran, or stop if the budget was split

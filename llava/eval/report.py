@@ -21,7 +21,6 @@ from .benchmarks import BENCHMARKS, get_benchmark
 from .budgets import FAMILIES, VANILLA_LABEL
 from .data_io import read_json
 
-
 VANILLA_METHODS = frozenset({"none"})
 
 

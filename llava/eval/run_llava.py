@@ -1,7 +1,7 @@
 """Ask a LLaVA checkpoint one question about one or more images.
 
     python -m llava.eval.run_llava --model-path P --image-file F --query Q [--compression visionzip:64]
-        [--conv-mode vicuna_v1] [--device cpu]
+        [--conv-mode TEMPLATE] [--device cpu]   # TEMPLATE: default_conv_mode of the checkpoint
 
 ``--compression SPEC`` compresses the visual tokens with any registered method (per image, or per anyres
 crop), overriding what the checkpoint's config says; ``--visionzip D,C`` is an alias of
@@ -16,7 +16,7 @@ import torch
 
 from llava.compression_args import add_compression_arguments, compression_from_args
 from llava.mm_utils import load_image
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import default_conv_mode, load_pretrained_model
 from llava.model.compiled import add_compile_argument, generate_function
 from llava.preflight import (
     check_device,
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-base", default=None)
     parser.add_argument("--image-file", required=True, help="path or URL; several separated by --sep")
     parser.add_argument("--query", required=True)
-    parser.add_argument("--conv-mode", default="vicuna_v1", help="conversation template (default vicuna_v1)")
+    parser.add_argument("--conv-mode", default=None,
+                        help="conversation template (default: the checkpoint's, mistral_instruct for llava_mistral, else vicuna_v1)")
     parser.add_argument("--sep", default=",")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--top_p", type=float, default=None)
@@ -61,7 +62,7 @@ def eval_model(args) -> str:
     )
     if image_processor is None:
         raise ValueError(f"{args.model_path} is a language model without a vision tower")
-    processor = LlavaProcessor.from_model(model, tokenizer, image_processor, args.conv_mode)
+    processor = LlavaProcessor.from_model(model, tokenizer, image_processor, args.conv_mode or default_conv_mode(model))
     inputs = processor([args.query], [images])
     # nothing may be cut silently: the question and "ASSISTANT:" must fit, and the reply stops at the limit
     positions = prompt_positions(model, list(inputs.input_ids), inputs.images, inputs.image_sizes)[0]

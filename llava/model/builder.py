@@ -22,6 +22,7 @@ from transformers.utils import is_flash_attn_2_available
 from visionzip import CompressionConfig
 
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+from .language_model.llava_mistral import CONV_MODE as MISTRAL_CONV_MODE
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 from .llava_arch import load_weights_file
 from .multimodal_encoder.builder import resolve_vision_tower_path
@@ -102,6 +103,31 @@ def inspect_checkpoint(model_path: str) -> CheckpointInfo:
     if kind in ("lora", "projector") and not is_llava:
         raise ValueError(f"{model_path!r} holds a {kind} checkpoint but its config.json has no mm_vision_tower")
     return CheckpointInfo(kind, path, config)
+
+
+# model_type of an original LLaVA checkpoint -> the conversation template its LLM was tuned with;
+# others (llava_llama: LLaVA-1.5, LLaVA-NeXT on Vicuna) use DEFAULT_CONV_MODE
+CONV_MODES = {"llava_mistral": MISTRAL_CONV_MODE}
+DEFAULT_CONV_MODE = "vicuna_v1"
+
+
+def default_conv_mode(model_or_config) -> str:
+    """The conversation template for a checkpoint when ``--conv-mode`` is not given, from its
+    ``model_type`` (never from its folder name): ``mistral_instruct`` for ``llava_mistral``
+    (llava-v1.6-mistral-7b), ``vicuna_v1`` otherwise. ``model_or_config``: a loaded model, its config, a
+    ``config.json`` dict, or a local checkpoint folder."""
+    if isinstance(model_or_config, (str, os.PathLike)):
+        config_file = os.path.join(model_or_config, "config.json")
+        if not os.path.isfile(config_file):
+            raise ValueError(f"cannot pick a conversation template for {str(model_or_config)!r}: it has no config.json")
+        with open(config_file, encoding="utf-8") as handle:
+            model_or_config = json.load(handle)
+    if isinstance(model_or_config, dict):
+        model_type = model_or_config.get("model_type")
+    else:
+        config = getattr(model_or_config, "config", model_or_config)
+        model_type = getattr(config, "model_type", None)
+    return CONV_MODES.get(model_type, DEFAULT_CONV_MODE)
 
 
 def default_attn_implementation(device: str, dtype: torch.dtype) -> str:

@@ -16,16 +16,23 @@ as a CUDA graph:
 - RoPE positions are counted per sample over real tokens only (``next_position``), so left padding,
   bucket padding and a multi-turn chat's earlier turns all give the positions eager generation gives.
 
-Two compiled callables (prefill and decode), each with a code object of its own per runner, so that the
-bucket recompiles of the prefill never count against the decode graph (dynamo's recompile limit, 8,
-is per code object): a runner holds up to 8 prefill graphs (buckets x batch sizes) before dynamo falls
-back to eager for new shapes.
+One ``torch.compile`` call per (batch, input length, cache length), each with ``isolate_recompiles=True``
+so that it counts its own graphs: dynamo's recompile limit (8 per function, shared by every compile call
+of it otherwise, even through copies of its code object) is a hard error under ``fullgraph=True``
+(``FailOnRecompileLimitHit``), which one shared callable would reach after 8 shapes (buckets x batch sizes
+x cache lengths). A runner keeps at most ``MAX_LLM_GRAPHS`` (the oldest is dropped); the image path is
+compiled the same way.
 
 Everything the LLM sees is a plain sequence of embeddings, so every vision-side compression method
-(stage "tower" or "encoder_output") works unchanged: the image path (tower, compression, projector,
-splice) runs as eager code before the compiled prefill. In-LLM methods (stage "llm") change the
-sequence inside the LLM's layers and cannot run on a static cache yet: ``check_compilable`` refuses
-them with a ValueError naming the method.
+(stage "tower" or "encoder_output") works unchanged. The image path's stages 1-2 (tower up to the
+selected layer, the method's scoring, selection and merge, the projector: ``project_views``) are captured
+as one graph per (compression, views shape) (``CompiledLlava.project_views``; ``fullgraph=True``, so a
+graph break is an error, not a silent split). All methods in ``visionzip/methods`` capture, except where
+a method builds host objects while it runs (``random`` seeds a ``torch.Generator`` per view): such an
+image path runs eagerly, with one warning naming the method and dynamo's reason. The per-image layout
+and the splice stay eager (host-known shapes, no host synchronisation with the prompt's host copies).
+In-LLM methods (stage "llm") change the sequence inside the LLM's layers and cannot run on a static
+cache yet: ``check_compilable`` refuses them with a ValueError naming the method.
 
 Backends: on CUDA the default is inductor with ``mode="reduce-overhead"`` (CUDA graphs); on CPU inductor
 with its default mode (no graphs there). ``backend="aot_eager"`` runs the same traced path without code
@@ -37,18 +44,25 @@ is the building block for multi-turn chat (``llava.serve.chat``).
 """
 from __future__ import annotations
 
+import logging
 import math
-import types
 from dataclasses import dataclass, field
 
 import torch
+from torch._dynamo.exc import Unsupported
 from transformers import StaticCache
+
+logger = logging.getLogger(__name__)
 
 # Prefill lengths are padded up to one of these (then to multiples of the largest).
 PREFILL_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 # Cache lengths are rounded up to a multiple of this, so that nearby requests share graphs.
 CACHE_ROUNDING = 256
 MAX_KEPT_CACHES = 4
+# Captured image paths kept, one per (compression, views shape, dtype, device); the oldest is dropped.
+MAX_IMAGE_GRAPHS = 16
+# LLM graphs kept, one per (batch, input length, cache length, dtype); the oldest is dropped.
+MAX_LLM_GRAPHS = 32
 
 
 def bucket_length(n: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:
@@ -85,12 +99,10 @@ def _llm_forward(base_model, lm_head, embeds, slot_mask, positions, cache):
     return lm_head(hidden[:, -1])
 
 
-def _own_copy(fn):
-    """``fn`` with a code object of its own. Dynamo keeps compiled graphs (and counts recompiles against
-    its limit of 8) per code object: each runner's prefill and decode get their own, so the prefill's
-    per-bucket graphs never push the decode step (or another model's runner) past the limit and back
-    to eager."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+def _project_views(model, views):
+    """Stages 1-2 of the image pipeline on (V, 3, S, S) views: tower + vision-side compression + projector
+    (``LlavaMetaForCausalLM.project_views``) -> ``ProjectedTokens``."""
+    return model.project_views(views)
 
 
 class CompiledLlava:
@@ -100,12 +112,14 @@ class CompiledLlava:
     generation; "eager" skips compilation altogether, for debugging the static-cache logic).
     mode: ``torch.compile`` mode; "auto": "reduce-overhead" on CUDA (CUDA graphs), inductor's default on CPU.
     buckets: prefill bucket lengths (ascending).
+    compile_image_path: capture the image path's stages 1-2 as one graph per (compression, views shape)
+    (``project_views``); False: they run eagerly.
     Static caches are kept per (batch, cache length) for reuse, at most ``MAX_KEPT_CACHES`` (the oldest
     is dropped: a 7B model's cache of 2048 slots at batch 8 is 8.6 GB in bf16).
     """
 
     def __init__(self, model, backend: str = "inductor", mode: str | None = "auto",
-                 buckets: tuple[int, ...] = PREFILL_BUCKETS):
+                 buckets: tuple[int, ...] = PREFILL_BUCKETS, compile_image_path: bool = True):
         if not buckets or any(b < 1 for b in buckets) or list(buckets) != sorted(buckets):
             raise ValueError(f"buckets must be ascending positive lengths, got {buckets!r}")
         self.model = model
@@ -113,16 +127,14 @@ class CompiledLlava:
         self.mode = default_mode(self.device) if mode == "auto" else mode
         self.backend = backend
         self.buckets = tuple(buckets)
-        prefill, decode = _own_copy(_llm_forward), _own_copy(_llm_forward)
-        if backend == "eager":
-            self._prefill, self._decode = prefill, decode
-        else:
-            options = dict(backend=backend, dynamic=False, fullgraph=True)
-            if self.mode is not None:
-                options["mode"] = self.mode
-            self._prefill = torch.compile(prefill, **options)
-            self._decode = torch.compile(decode, **options)
+        self._options = dict(backend=backend, dynamic=False, fullgraph=True, isolate_recompiles=True)
+        if self.mode is not None:
+            self._options["mode"] = self.mode
+        self._llm_graphs: dict[tuple, object] = {}
         self._caches: dict[tuple[int, int], StaticCache] = {}
+        self.compile_image_path = compile_image_path and backend != "eager"
+        self._image_graphs: dict[tuple, object] = {}
+        self._eager_image_paths: dict[object, str] = {}  # compression -> why it could not be captured
 
     # ----- pieces ---------------------------------------------------------------------------------
     def cache_for(self, batch: int, max_cache_len: int) -> StaticCache:
@@ -151,8 +163,64 @@ class CompiledLlava:
             raise ValueError(f"max_cache_len must be >= 1, got {max_cache_len}")
         return StaticSession(self, batch, max_cache_len)
 
+    @property
+    def captured_image_paths(self) -> int:
+        """Image-path graphs held: one per (compression, views shape, dtype, device) seen."""
+        return len(self._image_graphs)
+
+    @property
+    def eager_image_paths(self) -> dict[str, str]:
+        """{compression spec: dynamo's reason} for the compressions whose image path runs eagerly."""
+        return {compression.spec(): reason for compression, reason in self._eager_image_paths.items()}
+
+    def project_views(self, views: torch.Tensor):
+        """``model.project_views(views)`` (views (V, 3, S, S) -> ``ProjectedTokens``), captured as one graph
+        per (compression, views shape, dtype, device): the tower up to the selected layer, the method's
+        scoring, selection and merge, the projector. With ``aot_eager`` the same tensors as eager (the same
+        kernels, traced; the tests hold it to that bit for bit); inductor fuses kernels of its own. A method
+        whose image path dynamo cannot capture whole runs eagerly (one warning naming it)."""
+        model = self.model
+        if not self.compile_image_path:
+            return model.project_views(views)
+        compression = model.get_visual_compression()
+        if compression in self._eager_image_paths:
+            return model.project_views(views)
+        key = (compression, tuple(views.shape), views.dtype, views.device)
+        graph = self._image_graphs.get(key)
+        if graph is None:
+            # a compile call of its own per key (isolate_recompiles): never a recompile against dynamo's limit
+            graph = torch.compile(_project_views, **self._options)
+            while len(self._image_graphs) >= MAX_IMAGE_GRAPHS:
+                self._image_graphs.pop(next(iter(self._image_graphs)))
+            self._image_graphs[key] = graph
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # its outputs are consumed by the splice before the prefill
+        try:
+            return graph(model, views)
+        except Unsupported as error:
+            reason = str(error).splitlines()[0]
+            self._eager_image_paths[compression] = reason
+            self._image_graphs.pop(key, None)
+            logger.warning("the image path of %s cannot be captured as one graph (%s); it runs eagerly",
+                           compression.spec(), reason)
+            return model.project_views(views)
+
+    @property
+    def captured_llm_graphs(self) -> int:
+        """LLM graphs held: one per (batch, input length, cache length, dtype) seen."""
+        return len(self._llm_graphs)
+
     def run(self, embeds, slot_mask, positions, cache) -> torch.Tensor:
-        fn = self._decode if embeds.shape[1] == 1 else self._prefill
+        """The LLM over ``embeds`` (B, n, hidden) into ``cache``: the graph of this (batch, n, cache length)."""
+        key = (embeds.shape[0], embeds.shape[1], slot_mask.shape[1], embeds.dtype)
+        fn = self._llm_graphs.get(key)
+        if fn is None:
+            fn = _llm_forward  # one isolated compile call per shape: see the module docstring
+            if self.backend != "eager":
+                fn = torch.compile(fn, **self._options)
+            while len(self._llm_graphs) >= MAX_LLM_GRAPHS:
+                self._llm_graphs.pop(next(iter(self._llm_graphs)))
+            self._llm_graphs[key] = fn
         if self.mode == "reduce-overhead":
             # a new step for CUDA graph trees: the previous call's outputs (logits already consumed) may
             # be overwritten by this replay
@@ -176,6 +244,8 @@ class CompiledLlava:
         eos_token_id: int | None = "config",
         pad_token_id: int | None = None,
         stop_check_every: int = 8,
+        host_input_ids: torch.Tensor | None = None,
+        host_attention_mask: torch.Tensor | None = None,
         **unused,
     ) -> torch.Tensor:
         """``model.generate`` on the compiled path: the new tokens (B, T), T <= max_new_tokens; rows that
@@ -183,7 +253,11 @@ class CompiledLlava:
 
         ``input_ids`` (B, L) hold ``IMAGE_TOKEN_INDEX`` where images go; batches are padded on the left
         (``attention_mask`` marks the real tokens), as ``model.generate`` does. Whether every row has
-        stopped is read on the host only every ``stop_check_every`` steps.
+        stopped is read on the host only every ``stop_check_every`` steps. The image path and the splice
+        make no host synchronisation when the prompt is known on the host: ``input_ids`` (and
+        ``attention_mask``) given on the CPU (moved to the model's device here), or their CPU copies given
+        as ``host_input_ids`` / ``host_attention_mask``; else the splice reads its width once
+        (``LlavaMetaForCausalLM.splice_image_features``).
         """
         unused.pop("use_cache", None)
         if unused:
@@ -195,7 +269,8 @@ class CompiledLlava:
         if stop_check_every < 1:
             raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
         check_compilable(self.model)
-        embeds, mask = self.prompt_embeddings(input_ids, images, image_sizes, attention_mask)
+        embeds, mask = self.prompt_embeddings(input_ids, images, image_sizes, attention_mask, host_input_ids,
+                                              host_attention_mask)
         return self.generate_from_embeddings(
             embeds, mask, max_new_tokens, min_new_tokens, do_sample, temperature, top_p, eos_token_id, pad_token_id,
             stop_check_every,
@@ -259,13 +334,25 @@ class CompiledLlava:
             out = out[:, :keep]
         return out
 
-    def prompt_embeddings(self, input_ids, images, image_sizes, attention_mask):
-        """(embeds (B, L, hidden), mask (B, L)) of the prompts, left-padded, images spliced in (eager)."""
+    def prompt_embeddings(self, input_ids, images, image_sizes, attention_mask, host_input_ids=None,
+                          host_attention_mask=None):
+        """(embeds (B, L, hidden), mask (B, L)) of the prompts, left-padded, images spliced in (the image
+        path's stages 1-2 through ``project_views``, the layout and the splice eager). Prompts given on the
+        CPU are their own host copies (see ``generate``)."""
         model = self.model
-        if images is not None:
-            _, _, mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
-                input_ids, None, attention_mask, None, None, images, image_sizes, padding_side="left"
+        if host_input_ids is None and input_ids.device.type == "cpu":
+            host_input_ids = input_ids
+            host_attention_mask = attention_mask if attention_mask is None else attention_mask.cpu()
+        if input_ids.device != self.device:
+            input_ids = input_ids.to(self.device)
+            attention_mask = None if attention_mask is None else attention_mask.to(self.device)
+        if images is not None and input_ids.shape[1] > 1:
+            spliced = model.splice_multimodal(
+                input_ids, images, image_sizes, attention_mask, padding_side="left",
+                host_input_ids=host_input_ids, host_attention_mask=host_attention_mask,
+                project_views=self.project_views,
             )
+            embeds, mask = spliced.inputs_embeds, spliced.attention_mask
         else:
             embeds, mask = model.get_input_embeddings()(input_ids), attention_mask
         if mask is None:
@@ -335,6 +422,10 @@ class StaticSession:
         if width > n:
             embeds = torch.cat([embeds.new_zeros(batch, width - n, embeds.shape[2]), embeds], dim=1)
             mask = torch.cat([mask.new_zeros(batch, width - n), mask], dim=1)
+        # the graphs guard on strides, even of size-1 dims: a slice of a longer sequence (which .contiguous()
+        # leaves as it is) would recompile towards dynamo's limit; give every input the standard strides
+        if embeds.stride() != (width * embeds.shape[2], embeds.shape[2], 1):
+            embeds = embeds.clone(memory_format=torch.contiguous_format)
         positions = self.next_position + (mask.cumsum(dim=1) - 1).clamp(min=0)
         self.slot_mask[:, self.slots_used : self.slots_used + width] = mask
         logits = self.runner.run(embeds, self.slot_mask, positions, self.cache)
@@ -345,21 +436,45 @@ class StaticSession:
 
 
 # ----- the command-line switch -------------------------------------------------------------------
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 COMPILE_HELP = (
     "compiled inference path: static KV cache + torch.compile (CUDA graphs on CUDA, inductor on CPU), "
-    "bucketed prefill lengths; off by default (not yet proven on a GPU); in-LLM methods are refused"
+    "bucketed prefill lengths; off by default (not yet proven on a GPU); in-LLM methods are refused. "
+    "An optional backend: inductor (default), aot_eager (the same trace without code generation: quick "
+    "on a CPU), eager (the static-cache logic uncompiled)"
 )
 
 
 def add_compile_argument(parser) -> None:
-    """``--compile`` (the one switch of every generation entry point)."""
-    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    """``--compile [BACKEND]`` (the one switch of every generation entry point): absent -> None (eager),
+    ``--compile`` -> "inductor", ``--compile aot_eager`` -> that backend."""
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS,
+                        metavar="BACKEND", help=COMPILE_HELP)
 
 
-def generate_function(model, compile: bool):
-    """``model.generate``, or the compiled path's ``generate`` (same arguments, same output: new tokens)
-    when ``compile``; an in-LLM compression is refused before anything runs."""
-    if not compile:
-        return model.generate
+def compile_backend(compile) -> str | None:
+    """The backend a ``--compile`` value asks for (None: eager generation). ``True`` means inductor."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return "inductor"
+    if compile not in COMPILE_BACKENDS:
+        raise ValueError(f"unknown compile backend {compile!r}; choose one of {COMPILE_BACKENDS}")
+    return compile
+
+
+def compiled_runner(model, compile) -> CompiledLlava | None:
+    """A ``CompiledLlava`` for ``--compile`` (None without it); an in-LLM compression is refused first."""
+    backend = compile_backend(compile)
+    if backend is None:
+        return None
     check_compilable(model)
-    return CompiledLlava(model).generate
+    return CompiledLlava(model, backend=backend)
+
+
+def generate_function(model, compile):
+    """``model.generate``, or the compiled path's ``generate`` (same arguments, same output: new tokens)
+    when ``compile`` (True, or a backend name: ``compile_backend``); an in-LLM compression is refused
+    before anything runs."""
+    runner = compiled_runner(model, compile)
+    return model.generate if runner is None else runner.generate

@@ -28,6 +28,7 @@ from visionzip import CompressedTokens, CompressionConfig
 from .anyres import anyres_image_features
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_projector.builder import build_vision_projector
+from .splice import splice_image_features_on_device, spliced_length, spliced_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ class LlavaMetaForCausalLM(ABC):
             self.get_vision_tower().check_compression(config)
 
     # ----- the image pipeline -------------------------------------------------------------------
-    def get_image_features(self, pixel_values, image_sizes=None) -> ImageFeatures:
+    def get_image_features(self, pixel_values, image_sizes=None, project_views=None) -> ImageFeatures:
         """The one image pipeline: pixels -> the visual tokens each image contributes to the LLM.
 
         pixel_values: (B, 3, S, S) (one view per image) or, for anyres, a (B, 1 + crops, 3, S, S) tensor or a
@@ -228,9 +229,11 @@ class LlavaMetaForCausalLM(ABC):
         Stages: the tower (with any vision-side compression; ``VisionTower.encode``) -> encoder-space tokens
         per view; the projector -> ``ProjectedTokens``; the per-image layout (``llava.model.anyres``) ->
         ``ImageFeatures.per_image``, one (T_i, hidden) tensor per image in the order given.
+        ``project_views``: what runs stages 1-2 on the stacked views (default ``self.project_views``; the
+        compiled path, ``llava.model.compiled``, passes its captured graph of them).
         """
         views, counts = _stack_views(pixel_values)
-        projected = self.project_views(views)
+        projected = (project_views or self.project_views)(views)
         merge_type = getattr(self.config, "mm_patch_merge_type", "flat")
         if merge_type not in MERGE_TYPES:
             raise ValueError(f"unknown mm_patch_merge_type {merge_type!r}; use one of {MERGE_TYPES}")
@@ -301,20 +304,84 @@ class LlavaMetaForCausalLM(ABC):
 
     def splice_multimodal(
         self, input_ids, images, image_sizes=None, attention_mask=None, position_ids=None, labels=None,
-        padding_side: str | None = None,
+        padding_side: str | None = None, length: int | None = None, host_input_ids=None, host_attention_mask=None,
+        project_views=None,
     ) -> SplicedInputs:
         """Encode ``images`` (``get_image_features``) and put each image's visual tokens in place of its
-        ``IMAGE_TOKEN_INDEX`` in ``input_ids``."""
-        features = self.get_image_features(images, image_sizes)
+        ``IMAGE_TOKEN_INDEX`` in ``input_ids`` (``splice_image_features``; ``length`` and the host copies of
+        the prompt are explained there; ``project_views``: see ``get_image_features``)."""
+        features = self.get_image_features(images, image_sizes, project_views)
         return self.splice_image_features(
-            input_ids, position_ids, attention_mask, labels, features.per_image, padding_side
+            input_ids, position_ids, attention_mask, labels, features.per_image, padding_side,
+            length=length, host_input_ids=host_input_ids, host_attention_mask=host_attention_mask,
         )
 
     def splice_image_features(
-        self, input_ids, position_ids, attention_mask, labels, image_features, padding_side: str | None = None
+        self, input_ids, position_ids, attention_mask, labels, image_features, padding_side: str | None = None,
+        length: int | None = None, host_input_ids=None, host_attention_mask=None,
     ) -> SplicedInputs:
         """Replace each ``IMAGE_TOKEN_INDEX`` in ``input_ids`` by that image's visual tokens, given the
         images already encoded (``image_features``: one (T_i, hidden) tensor per image).
+
+        Without ``labels`` (inference) this is the splice by index arithmetic on the device
+        (``llava.model.splice``), which gives the same tensors as the reference
+        (``splice_image_features_reference``) without walking the batch in Python. Its host
+        synchronisations: none when the output width is known on the host, i.e. ``length`` is given (any
+        width >= the longest spliced sample, e.g. a prefill bucket; extra width is padding) or the host
+        (CPU) copies of the prompt are (``host_input_ids``, ``host_attention_mask``: the tokenizer's
+        output before it was moved to the device); otherwise one read of three numbers (image tokens,
+        longest and shortest sample). With ``length`` / host copies the attention mask and positions are
+        always returned. With ``labels`` (training), or images that do not match the ``<image>`` tokens
+        one to one (the training collator's dummy images, or an error), the reference runs.
+        """
+        if labels is not None:
+            # [VisionZip-LLaVA] training keeps the reference: its dummy-image rule and count checks need the
+            # per-sample placeholder counts on the host anyway, and a training step is not latency-bound
+            return self.splice_image_features_reference(
+                input_ids, position_ids, attention_mask, labels, image_features, padding_side
+            )
+        side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
+        if side not in ("left", "right"):
+            raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+        max_length = getattr(self.config, "tokenizer_model_max_length", None)
+        sizes = [feature.shape[0] for feature in image_features]
+        if length is None and host_input_ids is not None:
+            length = spliced_length(host_input_ids, host_attention_mask, sizes, max_length)
+        returns_mask = length is not None or attention_mask is not None
+        returns_positions = length is not None or position_ids is not None
+        if length is None:
+            lengths, image_tokens = spliced_sizes(input_ids, attention_mask, sizes)
+            found, longest, shortest = torch.stack([image_tokens, lengths.max(), lengths.min()]).tolist()  # one read
+            if found != len(image_features):
+                return self.splice_image_features_reference(
+                    input_ids, position_ids, attention_mask, labels, image_features, padding_side
+                )
+            if max_length is not None and longest > max_length:
+                logger.warning(
+                    "multimodal sequence of %d tokens cut to tokenizer_model_max_length=%d", longest, max_length
+                )
+                longest, shortest = min(longest, max_length), min(shortest, max_length)
+            length = longest
+            # as the reference: mask and positions only when given or when the batch is padded
+            returns_mask = returns_mask or shortest != longest
+            returns_positions = returns_positions or shortest != longest
+        out = splice_image_features_on_device(
+            input_ids, image_features, self.get_model().embed_tokens, attention_mask, None, side,
+            length=length, max_length=max_length,
+        )
+        return SplicedInputs(
+            out.inputs_embeds,
+            out.attention_mask if returns_mask else None,
+            out.position_ids if returns_positions else None,
+            None,
+            out.visual_mask,
+        )
+
+    def splice_image_features_reference(
+        self, input_ids, position_ids, attention_mask, labels, image_features, padding_side: str | None = None
+    ) -> SplicedInputs:
+        """The splice as the original LLaVA computes it, per sample in Python (several host reads per
+        sample on a GPU); what ``splice_image_features`` runs for training, and its test reference.
 
         Sequences are re-padded to the longest (on ``padding_side``, default
         ``config.tokenizer_padding_side``), labels ``IGNORE_INDEX`` over image tokens and padding, everything

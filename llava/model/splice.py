@@ -1,9 +1,10 @@
 """The multimodal splice without host synchronisation: image features into the text embeddings.
 
-``LlavaMetaForCausalLM.splice_image_features`` (the reference) walks the batch in Python: per sample a
-boolean-mask gather, ``torch.where(...).tolist()`` for the image positions, and per-piece slicing; on
-CUDA each of those waits for the device (6 host syncs per image in the bench's lean-path audit). This
-module computes the same result with index arithmetic on the device:
+``LlavaMetaForCausalLM.splice_image_features_reference`` (the original LLaVA's splice) walks the batch in
+Python: per sample a boolean-mask gather, ``torch.where(...).tolist()`` for the image positions, and
+per-piece slicing; on CUDA each of those waits for the device (6 host syncs per sample in the bench's
+lean-path audit). This module computes the same result with index arithmetic on the device (the model's
+inference splice, ``LlavaMetaForCausalLM.splice_image_features`` without labels, runs it):
 
 - every input position gets a *span*: 1 for a real text token, T_j (that image's feature count) for the
   j-th ``IMAGE_TOKEN_INDEX``, 0 for padding; a cumulative sum of spans gives each position's place in
@@ -79,6 +80,16 @@ def _spans(input_ids, attention_mask, feature_lengths: list[int], first_image):
         image_span = _sizes_on_device(feature_lengths, input_ids.device)[image_index]
     span = torch.where(is_image, image_span, mask.long())
     return span, span.cumsum(dim=1), is_image, image_index
+
+
+def spliced_sizes(input_ids, attention_mask, feature_lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the device, without reading anything: (each sample's spliced length (B,), the number of
+    ``<image>`` tokens in the batch ()) when ``feature_lengths`` are the images' token counts in order.
+    A caller that must read them reads both in one transfer."""
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    image_tokens = ((input_ids == IMAGE_TOKEN_INDEX) & mask).sum()
+    _, ends, _, _ = _spans(input_ids, attention_mask, list(feature_lengths), None)
+    return ends[:, -1], image_tokens
 
 
 def spliced_length(input_ids, attention_mask, feature_lengths: list[int], max_length: int | None = None,

@@ -14,6 +14,7 @@ A folder that already holds the same build (same version, seed and sizes) is reu
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,10 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionMode
 TOWER_DIR = "clip-vit-tiny-336"
 STAMP = "tiny_llava_build.json"
 BUILD_FORMAT = 1
+VISION_LAYERS = 24  # ViT-L/14-336's depth
+IMAGE_SIZE = 336  # ViT-L/14-336's input: 24 x 24 patches of 14 px
+# not in a build's stamp when they have these values (the stamps of default builds stay what they were)
+DEFAULT_GEOMETRY = {"vision_layers": VISION_LAYERS, "image_size": IMAGE_SIZE}
 GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 # Text the tokenizer is trained on: the prompt templates and the kind of questions and answers the
@@ -57,16 +62,20 @@ Answer the questions. The visual content will be provided with the following for
 """
 
 
-def _stamp(version: str, seed: int, sizes: dict) -> dict:
-    return {"format": BUILD_FORMAT, "version": version, "seed": seed, **sizes}
+def _stamp(version: str, seed: int, sizes: dict, extra_corpus: str = "") -> dict:
+    stamp = {"format": BUILD_FORMAT, "version": version, "seed": seed,
+             **{k: v for k, v in sizes.items() if DEFAULT_GEOMETRY.get(k) != v}}
+    if extra_corpus:  # only then, so that the stamps of default builds stay what they were
+        stamp["extra_corpus_sha256"] = hashlib.sha256(extra_corpus.encode()).hexdigest()
+    return stamp
 
 
-def _train_tokenizer(directory: str, vocab_size: int) -> int:
+def _train_tokenizer(directory: str, vocab_size: int, extra_corpus: str = "") -> int:
     """Train the SentencePiece model into ``directory/tokenizer.model``; returns its vocabulary size."""
     import sentencepiece as spm
 
     model = BytesIO()
-    lines = [line for line in CORPUS.splitlines() if line.strip()]
+    lines = [line for line in (CORPUS + extra_corpus).splitlines() if line.strip()]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines * 4),
         model_writer=model,
@@ -92,9 +101,9 @@ def _tower_config(sizes: dict) -> CLIPVisionConfig:
     return CLIPVisionConfig(
         hidden_size=sizes["vision_hidden"],
         intermediate_size=2 * sizes["vision_hidden"],
-        num_hidden_layers=24,
+        num_hidden_layers=sizes.get("vision_layers", VISION_LAYERS),
         num_attention_heads=4,
-        image_size=336,
+        image_size=sizes.get("image_size", IMAGE_SIZE),
         patch_size=14,
         projection_dim=32,
         hidden_act="quick_gelu",
@@ -133,7 +142,7 @@ def _llava_config(version: str, vocab_size: int, sizes: dict):
     )
 
 
-def _write(directory: str, version: str, seed: int, sizes: dict) -> None:
+def _write(directory: str, version: str, seed: int, sizes: dict, extra_corpus: str = "") -> None:
     from llava.model import LlavaLlamaForCausalLM
     from llava.model.tokenizer import LlavaLlamaTokenizer
 
@@ -143,11 +152,12 @@ def _write(directory: str, version: str, seed: int, sizes: dict) -> None:
         tower_dir = os.path.join(directory, TOWER_DIR)
         tower = CLIPVisionModel(_tower_config(sizes)).eval()
         tower.save_pretrained(tower_dir)
+        side = sizes.get("image_size", IMAGE_SIZE)
         CLIPImageProcessorPil(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
         ).save_pretrained(tower_dir)
 
-        vocab_size = _train_tokenizer(directory, sizes["vocab"])
+        vocab_size = _train_tokenizer(directory, sizes["vocab"], extra_corpus)
         tokenizer = LlavaLlamaTokenizer(vocab_file=os.path.join(directory, "tokenizer.model"))
         tokenizer.save_pretrained(directory)
 
@@ -180,21 +190,36 @@ def build_tiny_llava(
     layers: int = 2,
     vision_hidden: int = 64,
     vocab: int = 512,
+    extra_corpus: str = "",
+    vision_layers: int = VISION_LAYERS,
+    image_size: int = IMAGE_SIZE,
 ) -> str:
     """Write the tiny checkpoint to ``output_dir`` (or reuse the same build there); returns the path.
 
     version: "v1.5" (pad, flat) or "v1.6" (anyres, spatial_unpad, image_newline). Deterministic in
     ``seed``; the global torch RNG state is left as it was. A folder holding something else is refused.
+    vision_layers: the tower's depth (24 as ViT-L; the toy model uses a shallower one: the token geometry,
+    576 patches + CLS, is what the methods depend on). image_size: the tower's input (336: 24 x 24
+    patches; the toy task's CI test uses a smaller geometry).
+    extra_corpus: more lines for the tokenizer's training text (a task's own words then become whole
+    pieces: the toy task's colour names, ``llava.toy``).
     """
     if version not in ("v1.5", "v1.6"):
         raise ValueError(f"version must be 'v1.5' or 'v1.6', got {version!r}")
-    sizes = {"hidden": hidden, "layers": layers, "vision_hidden": vision_hidden, "vocab": vocab}
+    sizes = {"hidden": hidden, "layers": layers, "vision_hidden": vision_hidden, "vocab": vocab,
+             "vision_layers": vision_layers, "image_size": image_size}
     for name, value in sizes.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if image_size % 14:
+        raise ValueError(f"image_size must be a multiple of the 14 px patch, got {image_size}")
+    if version == "v1.6" and image_size != IMAGE_SIZE:
+        raise ValueError(f"the v1.6 build's grid pinpoints are for {IMAGE_SIZE} px views; got image_size {image_size}")
+    if vision_layers < 2:
+        raise ValueError(f"vision_layers must be >= 2 (LLaVA reads the features of layer -2), got {vision_layers}")
     if hidden % 4 or vision_hidden % 4:
         raise ValueError(f"hidden ({hidden}) and vision_hidden ({vision_hidden}) must be multiples of the 4 heads")
-    stamp = _stamp(version, seed, sizes)
+    stamp = _stamp(version, seed, sizes, extra_corpus)
     output_dir = os.path.abspath(output_dir)
     stamp_file = os.path.join(output_dir, STAMP)
     if os.path.isfile(stamp_file):
@@ -210,7 +235,7 @@ def build_tiny_llava(
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tiny-llava-", dir=parent)
     try:
-        _write(staging, version, seed, sizes)
+        _write(staging, version, seed, sizes, extra_corpus)
         with open(os.path.join(staging, STAMP), "w", encoding="utf-8") as handle:
             json.dump(stamp, handle, indent=2)
         if os.path.isdir(output_dir):

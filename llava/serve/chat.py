@@ -92,7 +92,9 @@ class ChatSession:
         them in the turn that reads the image."""
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         if self.image_features is not None and any(i < 0 for i in ids):
-            spliced = self.model.splice_image_features(input_ids, None, None, None, self.image_features)
+            # the prompt's host copy: the splice reads its width on the host (no device read)
+            spliced = self.model.splice_image_features(input_ids, None, None, None, self.image_features,
+                                                       host_input_ids=torch.tensor([ids], dtype=torch.long))
             return spliced.inputs_embeds, spliced.visual_mask
         return self.model.get_input_embeddings()(input_ids), None
 

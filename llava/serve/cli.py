@@ -1,7 +1,7 @@
 """Chat about an image in the terminal, turn after turn, with the image kept in the KV cache.
 
     python -m llava.serve.cli --model-path P --image-file F [--compression visionzip:64]
-        [--conv-mode vicuna_v1] [--device cpu] [--temperature 0.2] [--max-new-tokens 512]
+        [--conv-mode TEMPLATE] [--device cpu] [--temperature 0.2] [--max-new-tokens 512]
 
 Type a message after the user prompt; an empty line or end of input (Ctrl-D) ends the chat.
 ``--debug`` prints, after each reply, how many tokens the turn read into the cache.
@@ -16,8 +16,8 @@ import torch
 
 from llava.compression_args import add_compression_arguments, compression_from_args
 from llava.mm_utils import load_image
-from llava.model.builder import load_pretrained_model
-from llava.model.compiled import CompiledLlava, add_compile_argument, check_compilable
+from llava.model.builder import default_conv_mode, load_pretrained_model
+from llava.model.compiled import add_compile_argument, compiled_runner
 from llava.preflight import check_device, check_generation_options, model_max_positions
 from llava.serve.chat import ChatSession
 
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None)
     parser.add_argument("--image-file", required=True)
-    parser.add_argument("--conv-mode", default="vicuna_v1")
+    parser.add_argument("--conv-mode", default=None,
+                        help="conversation template (default: the checkpoint's, mistral_instruct for llava_mistral, else vicuna_v1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -54,13 +55,11 @@ def main(argv=None) -> int:
     )
     if image_processor is None:
         raise ValueError(f"{args.model_path} is a language model without a vision tower")
-    compiled = None
-    if args.compile:
-        check_compilable(model)
-        compiled = CompiledLlava(model)
+    compiled = compiled_runner(model, args.compile)  # None without --compile; refuses in-LLM methods
     # with --compile the whole conversation lives in one static cache: the model's positions, twice over
     # (slots for the bucket padding of each turn's prefill; the positions are still capped at the model's)
-    session = ChatSession(model, tokenizer, image_processor, conv_mode=args.conv_mode, compiled=compiled,
+    session = ChatSession(model, tokenizer, image_processor, conv_mode=args.conv_mode or default_conv_mode(model),
+                          compiled=compiled,
                           max_cache_len=2 * (model_max_positions(model.config) or 4096))
     session.set_image(image)
     user, assistant = session.conv.roles

@@ -1,7 +1,8 @@
 """The toy LLaVA: a tiny LLaVA-1.5 in the real ViT-L/14-336 token geometry trained on the toy task.
 
 ``prepare_toy(settings, cache_root)`` builds the random-weight base (``llava.model.tiny.build_tiny_llava``:
-24-layer CLIP tower, 336 px, patch 14, 576 patches + CLS, narrow), writes the training and held-out sets
+a CLIP tower in ViT-L/14-336's token geometry, 336 px, patch 14, 576 patches + CLS, narrow and shallow;
+a tokenizer that knows the task's words), writes the training and held-out sets
 (``llava.toy.task``) and trains through the real entry point (``llava.train.train.train(*parse_arguments
 (argv))``), all under ``cache_root/<key>/`` where ``key`` hashes the settings: a second call with the same
 settings reuses the finished run and returns at once.
@@ -10,10 +11,10 @@ What trains: the language model and the projector (LLaVA's stage-2 "full fine-tu
 tower frozen at its random initialisation, as LLaVA freezes its CLIP. A random pre-LN ViT is nearly the
 identity around its residual stream (its blocks add small updates to the patch embeddings), so the
 selected layer's patch features are a fixed random projection of each patch's pixels plus its position
-embedding: colour and position are linearly readable, which is what the task asks about. Training the
-tower too would triple the cost of every step (backward through 24 layers at 577 tokens) for no accuracy
-the frozen tower does not already reach (see docs/toy_task.md); and a frozen tower keeps the compression
-methods' token scores (the tower's own attention) exactly those of the model that is evaluated.
+embedding: colour, and so coloured area, is linearly readable, which is what the task asks about.
+Training the tower too would multiply the cost of every step (backward through the tower at 577 tokens)
+for no accuracy the frozen tower does not already reach (see docs/toy_task.md); and a frozen tower keeps
+the compression methods' token scores (the tower's own attention) exactly those of the evaluated model.
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .task import write_eval_set, write_train_set
+from .task import TASK_CORPUS, check_image_size, write_eval_set, write_train_set
 
 # Bump when the task or the recipe changes in a way the settings do not show: old caches are then unused.
-TOY_FORMAT = 2
+TOY_FORMAT = 3
 DONE = "toy_complete.json"
 
 
@@ -40,23 +41,31 @@ class ToySettings:
     """Everything that decides the toy model; its hash names the cache folder."""
 
     seed: int = 0
-    train_images: int = 1024
+    train_images: int = 1200
     eval_images: int = 120
-    epochs: int = 1
-    batch_size: int = 4
+    epochs: int = 4
+    batch_size: int = 8
     learning_rate: float = 3e-3
+    projector_learning_rate: float = 1e-2  # --mm_projector_lr: the projector has the most to learn
     warmup_ratio: float = 0.05
     hidden: int = 64
     layers: int = 4
     vision_hidden: int = 32
+    vision_layers: int = 6
+    image_size: int = 336  # ViT-L/14-336's input (576 patches); the CI test trains a smaller geometry
 
     def __post_init__(self):
         for name in ("train_images", "eval_images", "epochs", "batch_size", "hidden", "layers", "vision_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ToySettings.{name} must be a positive integer, got {value!r}")
-        if not 0 < self.learning_rate < 1:
-            raise ValueError(f"ToySettings.learning_rate must be in (0, 1), got {self.learning_rate}")
+        check_image_size(self.image_size)
+        if not isinstance(self.vision_layers, int) or self.vision_layers < 2:
+            raise ValueError(f"ToySettings.vision_layers must be an integer >= 2 (features come from layer -2), "
+                             f"got {self.vision_layers!r}")
+        for name in ("learning_rate", "projector_learning_rate"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"ToySettings.{name} must be in (0, 1), got {getattr(self, name)}")
 
     def key(self) -> str:
         """Hash of what decides the trained model (the held-out set's size does not: it has a folder of
@@ -101,6 +110,7 @@ def train_argv(model_dir: str, data_path: str, image_folder: str, output_dir: st
         "--num_train_epochs", str(settings.epochs),
         "--per_device_train_batch_size", str(settings.batch_size),
         "--learning_rate", str(settings.learning_rate),
+        "--mm_projector_lr", str(settings.projector_learning_rate),
         "--warmup_steps", str(max(1, round(settings.warmup_ratio * total_steps(settings)))),
         "--lr_scheduler_type", "cosine",
         "--weight_decay", "0.0",
@@ -178,7 +188,7 @@ def prepare_toy(settings: ToySettings | None = None, cache_root: Path | str | No
     done = folder / DONE
     if not (held_out / "annotations.json").is_file():
         printer(f"toy task: drawing {settings.eval_images} held-out scenes into {held_out}", flush=True)
-        write_eval_set(str(held_out), settings.eval_images, settings.seed)
+        write_eval_set(str(held_out), settings.eval_images, settings.seed, settings.image_size)
     eval_paths = (held_out / "questions.jsonl", held_out / "annotations.json", held_out / "images")
     if done.is_file():
         record = json.loads(done.read_text())
@@ -188,12 +198,14 @@ def prepare_toy(settings: ToySettings | None = None, cache_root: Path | str | No
     from llava.model.tiny import build_tiny_llava
 
     base = Path(build_tiny_llava(str(folder / "base"), version="v1.5", seed=settings.seed, hidden=settings.hidden,
-                                 layers=settings.layers, vision_hidden=settings.vision_hidden))
+                                 layers=settings.layers, vision_hidden=settings.vision_hidden,
+                                 vision_layers=settings.vision_layers, image_size=settings.image_size,
+                                 extra_corpus=TASK_CORPUS))
     printer(f"toy task: drawing {settings.train_images} training scenes into {data}", flush=True)
-    train_json = write_train_set(str(data), settings.train_images, settings.seed)
+    train_json = write_train_set(str(data), settings.train_images, settings.seed, settings.image_size)
     steps = total_steps(settings)
     printer(f"toy model: training the LLM and projector ({settings.layers} layers, hidden {settings.hidden}; "
-            f"tower frozen) for {steps} steps through llava.train.train", flush=True)
+            f"{settings.vision_layers}-layer tower frozen) for {steps} steps through llava.train.train", flush=True)
     start = time.perf_counter()
     result, summary = run_training(
         train_argv(str(base), train_json, str(data / "images"), str(checkpoint), settings),
@@ -241,7 +253,8 @@ def tune_projector(toy: ToyModel, spec: str = "visionzip:64", steps: int = 32, l
     if done.is_file():
         record = json.loads(done.read_text())
         return ProjectorTuning(run_dir, config.spec(), steps, record["train_seconds"], record["losses"], True)
-    settings = dataclasses.replace(toy.settings, learning_rate=learning_rate, warmup_ratio=0.0)
+    settings = dataclasses.replace(toy.settings, learning_rate=learning_rate, projector_learning_rate=learning_rate,
+                                   warmup_ratio=0.0)
     data = toy.folder / "data"
     argv = train_argv(str(toy.model_path), str(data / "train.json"), str(data / "images"), str(run_dir), settings,
                       "--tune_mm_mlp_adapter", "True", "--compression", config.spec(), "--max_steps", str(steps))

@@ -1,16 +1,15 @@
-"""The toy study: a tiny LLaVA trained on the procedural task, and its accuracy against visual tokens per
-method. Meant to become the README's main job once the toy model learns the task (docs/toy_task.md: with
-the current recipe it does not yet beat the majority answer, so the curve is flat).
+"""The toy study, the README's main job: a tiny LLaVA trained on the procedural task, and its accuracy
+against visual tokens per method.
 
-    python -m llava.toy [--questions 30 --tune-steps 4]
+    python -m llava.toy [--questions 60 --tune-steps 8]        # bash scripts/demo.sh runs this
 
 1. The toy model (``llava.toy``, docs/toy_task.md): a tiny LLaVA-1.5 in the real ViT-L/14-336 token
-   geometry (576 patches + CLS, 24 tower layers, narrow) trained on a procedural visual task (shapes on
-   cluttered backgrounds; "How many shapes are there?", "Is there a red shape?", "What colour is the
-   shape?") through the real training entry point; trained once, then reused from ``.cache/toy/``.
+   geometry (576 patches + CLS; a narrow, shallow tower) trained on a procedural visual task (shapes on
+   cluttered backgrounds; "How many shapes are there?", "What colour is the shape?") through the real
+   training entry point; trained once, then reused from ``.cache/toy/``.
 2. Accuracy against visual tokens: held-out questions answered by the eval engine
    (``llava.eval.generate``) and scored by exact match (``llava.eval.scoring.score_gqa``), vanilla (576)
-   and every registered method at 192 / 128 / 64 / 32 tokens (``METHOD:TOKENS``; a budget the method
+   and every registered method at 192 / 128 / 64 / 32 / 16 tokens (``METHOD:TOKENS``; a budget the method
    cannot take is shown as n/a with its reason): a markdown table and ``accuracy_vs_tokens.png``.
 3. The kept tokens of VisionZip and VisPruner on one of the held-out images (``visionzip_tokens.png``).
 4. VisionZip‡ in miniature: the projector alone tuned with VisionZip 64 in the forward, through the
@@ -31,8 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-BUDGETS = (192, 128, 64, 32)
-FULL = 576
+BUDGETS = (192, 128, 64, 32, 16)
 TIMING_TOKENS = 64
 
 
@@ -58,7 +56,7 @@ def accuracy_rows(evaluator, methods: list[str], budgets=BUDGETS, printer=say) -
     the tower's check) gets None there and its reason."""
     start = time.perf_counter()
     vanilla = evaluator.evaluate("none", label="vanilla")
-    printer(f"  vanilla ({FULL} tokens): {vanilla.accuracy:.1f} %  [{time.perf_counter() - start:.0f} s]")
+    printer(f"  vanilla ({vanilla.visual_tokens} tokens): {vanilla.accuracy:.1f} %  [{time.perf_counter() - start:.0f} s]")
     table: dict[str, dict] = {}
     reasons: dict[str, str] = {}
     for method in methods:
@@ -78,7 +76,7 @@ def accuracy_rows(evaluator, methods: list[str], budgets=BUDGETS, printer=say) -
 
 def markdown_table(vanilla, table: dict, reasons: dict, majority: float, num_questions: int,
                    budgets=BUDGETS, extra_rows: list[tuple[str, dict]] = ()) -> str:
-    header = "| method | " + " | ".join(f"{t} tokens" for t in (FULL, *budgets)) + " |"
+    header = "| method | " + " | ".join(f"{t} tokens" for t in (vanilla.visual_tokens, *budgets)) + " |"
     lines = [header, "|---" * (len(budgets) + 2) + "|",
              f"| vanilla | {vanilla.accuracy:.1f} | " + " | ".join("" for _ in budgets) + " |"]
     for method, row in table.items():
@@ -99,8 +97,9 @@ def plot_accuracy(vanilla, table: dict, majority: float, path: Path, budgets=BUD
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    ticks = sorted((*budgets, FULL))
-    ax.axhline(vanilla.accuracy, color="black", linestyle="--", linewidth=1, label=f"vanilla ({FULL} tokens)")
+    ticks = sorted((*budgets, vanilla.visual_tokens))
+    ax.axhline(vanilla.accuracy, color="black", linestyle="--", linewidth=1,
+               label=f"vanilla ({vanilla.visual_tokens} tokens)")
     ax.axhline(majority, color="grey", linestyle=":", linewidth=1, label="majority answer (no image)")
     for method, row in table.items():
         points = [(t, s.accuracy) for t, s in sorted(row.items()) if s is not None]
@@ -187,7 +186,7 @@ def main(argv=None) -> int:
     reused = len(list(answers_dir.glob("*.jsonl"))) if answers_dir.exists() else 0
     evaluator = ToyEvaluator(toy, answers_dir, batch_size=args.batch_size)
     majority = majority_baseline(str(toy.annotation_file))
-    say(f"held-out set: {len(evaluator.items)} questions, a third each of {', '.join(QUESTION_TYPES)}; "
+    say(f"held-out set: {len(evaluator.items)} questions, an equal share each of {', '.join(QUESTION_TYPES)}; "
         f"majority-answer baseline {majority:.1f} %")
 
     methods = registered_methods()
@@ -236,7 +235,7 @@ def main(argv=None) -> int:
     base = rows[0][1].median
     say(f"{'setting':<16} {'per batch':>10} {'range':>17} {'per question':>13} {'vs vanilla':>11}")
     for spec, m in rows:
-        label = "vanilla (576)" if spec == "none" else spec
+        label = f"vanilla ({evaluator.num_patches})" if spec == "none" else spec
         say(f"{label:<16} {m.median * 1e3:>8.0f}ms [{min(m.times) * 1e3:>6.0f}-{max(m.times) * 1e3:>6.0f}ms] "
             f"{m.median / batch * 1e3:>11.1f}ms {base / m.median:>10.2f}x")
     say(f"\nmain job finished in {time.perf_counter() - began:.0f} s")

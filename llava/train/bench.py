@@ -68,7 +68,7 @@ def worker(
 
     torch.set_num_threads(threads)
 
-    from llava.conversation import get_conv_template
+    from llava.processor import LlavaProcessor
 
     from .dataset import LazySupervisedDataset, SupervisedCollator
     from .train import build_model_and_tokenizer, parse_arguments, visual_tokens_per_image
@@ -93,8 +93,8 @@ def worker(
     )
     tokens = visual_tokens_per_image(model, compression)
     dataset = LazySupervisedDataset(
-        data_args.data_path, tokenizer, get_conv_template("v1"), image_folder=os.path.join(data_dir, "images"),
-        image_processor=processor, image_aspect_ratio="pad", visual_tokens_per_image=tokens,
+        data_args.data_path, LlavaProcessor.for_training(tokenizer, processor, "v1", image_aspect_ratio="pad"),
+        image_folder=os.path.join(data_dir, "images"), visual_tokens_per_image=tokens,
     )
     batch = SupervisedCollator(tokenizer.pad_token_id, 2048)([dataset[i] for i in range(batch_size)])
     sequence = int(batch["input_ids"].shape[1]) - 1 + tokens

@@ -17,14 +17,13 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from torch.utils.data import Dataset
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava.conversation import Conversation
-from llava.mm_utils import ImageLoadError, load_image, process_images, processor_crop_size
+from llava.mm_utils import ImageLoadError, load_image, processor_crop_size
+from llava.processor import LlavaProcessor, image_token_text
 
 from .preprocess import (
     SampleError,
@@ -127,7 +126,7 @@ def validate_records(
         name = sample_name(index, record)
         try:
             turns = conversation_turns(record.get("conversations"), name)
-            place_image_token(turns, "image" in record, name, mm_use_im_start_end)
+            place_image_token(turns, "image" in record, name, image_token_text(mm_use_im_start_end))
             if "image" in record:
                 if not multimodal:
                     raise SampleError(name, "has an image but the model has no vision tower")
@@ -177,9 +176,9 @@ def word_count(record: dict) -> int:
 class LazySupervisedDataset(Dataset):
     """LLaVA conversation samples: ``input_ids``, ``labels`` and (multimodal) image pixels.
 
-    tokenizer / template: how prompts are written and tokenized (``llava.conversation`` template).
-    image_processor: the vision tower's processor; ``None`` for a text-only model.
-    image_aspect_ratio / image_grid_pinpoints: as in the model config (``llava.mm_utils.process_images``).
+    processor: the ``LlavaProcessor`` that owns the prompt template, the image placeholder's text and
+        the pixels (``LlavaProcessor.for_training``: image aspect ratio and grid pinpoints as the model
+        trains with them); its ``image_processor`` is ``None`` for a text-only model.
     visual_tokens_per_image: how many sequence positions one image takes once spliced in (compressed
         count when compression is on); used for length grouping and to tell whether any reply survives
         the model's truncation to ``model_max_length``.
@@ -190,14 +189,9 @@ class LazySupervisedDataset(Dataset):
     def __init__(
         self,
         data_path: str,
-        tokenizer,
-        template: Conversation,
+        processor: LlavaProcessor,
         *,
         image_folder: str | None = None,
-        image_processor=None,
-        image_aspect_ratio: str = "pad",
-        image_grid_pinpoints=None,
-        mm_use_im_start_end: bool = False,
         model_max_length: int = 2048,
         visual_tokens_per_image: int = 576,
         bad_sample_policy: str = "skip",
@@ -206,15 +200,11 @@ class LazySupervisedDataset(Dataset):
         check_image_decode: str | bool = "no",
         records: list[dict] | None = None,
     ):
+        if not isinstance(processor, LlavaProcessor):
+            raise TypeError(f"processor must be a llava.processor.LlavaProcessor, got {type(processor).__name__}")
         self.data_path = data_path
-        self.tokenizer = tokenizer
-        self.template = template
+        self.processor = processor
         self.image_folder = image_folder
-        self.image_processor = image_processor
-        self.image_config = SimpleNamespace(
-            image_aspect_ratio=image_aspect_ratio, image_grid_pinpoints=image_grid_pinpoints
-        )
-        self.mm_use_im_start_end = mm_use_im_start_end
         self.model_max_length = model_max_length
         self.visual_tokens_per_image = visual_tokens_per_image
         if bad_sample_policy not in ("skip", "error"):
@@ -223,8 +213,9 @@ class LazySupervisedDataset(Dataset):
         self.check_tokenization = check_tokenization
         self.records = load_records(data_path) if records is None else records
         validate_records(
-            data_path, self.records, image_folder=image_folder, mm_use_im_start_end=mm_use_im_start_end,
-            multimodal=image_processor is not None, check_image_files=check_image_files,
+            data_path, self.records, image_folder=image_folder,
+            mm_use_im_start_end=bool(getattr(processor.model_config, "mm_use_im_start_end", False)),
+            multimodal=self.is_multimodal, check_image_files=check_image_files,
             check_image_decode=check_image_decode,
         )
         self.modality_lengths = [
@@ -245,7 +236,7 @@ class LazySupervisedDataset(Dataset):
 
     @property
     def is_multimodal(self) -> bool:
-        return self.image_processor is not None
+        return self.processor.image_processor is not None
 
     def count_modalities(self) -> tuple[int, int]:
         images = sum(1 for length in self.modality_lengths if length > 0)
@@ -255,10 +246,10 @@ class LazySupervisedDataset(Dataset):
         record = self.records[index]
         name = sample_name(index, record)
         turns = place_image_token(
-            conversation_turns(record["conversations"], name), "image" in record, name, self.mm_use_im_start_end
+            conversation_turns(record["conversations"], name), "image" in record, name, self.processor.image_token
         )
         return tokenize_conversation(
-            turns, self.template, self.tokenizer, name, check_tokenization=self.check_tokenization
+            turns, self.processor.template, self.processor.tokenizer, name, check_tokenization=self.check_tokenization
         )
 
     def build_example(self, index: int) -> dict:
@@ -281,7 +272,7 @@ class LazySupervisedDataset(Dataset):
         elif self.is_multimodal:
             # text-only sample of a multimodal batch: a blank image keeps batches stackable (as LLaVA);
             # the model splices nothing for it since its text has no image placeholder.
-            side = processor_crop_size(self.image_processor)
+            side = processor_crop_size(self.processor.image_processor)
             example["image"], example["image_size"] = torch.zeros(3, side, side), (side, side)
         return example
 
@@ -301,7 +292,7 @@ class LazySupervisedDataset(Dataset):
             image = load_image(path)  # every decoding failure is an ImageLoadError, bombs and odd modes included
         except ImageLoadError as err:
             raise UnlearnableSample(name, str(err), "image_unreadable") from err
-        pixels = process_images([image], self.image_processor, self.image_config)
+        pixels = self.processor.image_pixels([image])
         return pixels[0], image.size
 
     def __getitem__(self, index: int) -> dict:

@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llava.constants import (
-    DEFAULT_IM_END_TOKEN,
-    DEFAULT_IM_START_TOKEN,
     DEFAULT_IMAGE_TOKEN,
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
@@ -85,9 +83,10 @@ def conversation_turns(conversations, sample: str) -> list[tuple[int, str]]:
     return turns
 
 
-def place_image_token(turns: list[tuple[int, str]], has_image: bool, sample: str, use_im_start_end: bool):
+def place_image_token(turns: list[tuple[int, str]], has_image: bool, sample: str, image_text: str):
     """Check the ``<image>`` placeholder and put it where LLaVA puts it: at the start of its turn,
-    followed by a newline (optionally wrapped in ``<im_start>``/``<im_end>``)."""
+    followed by a newline, written as ``image_text`` (the processor's ``image_token``: ``<image>``, or
+    wrapped in ``<im_start>``/``<im_end>``)."""
     count = sum(text.count(DEFAULT_IMAGE_TOKEN) for _speaker, text in turns)
     if count > 1:
         raise SampleError(
@@ -99,9 +98,6 @@ def place_image_token(turns: list[tuple[int, str]], has_image: bool, sample: str
         raise SampleError(sample, f"has a {DEFAULT_IMAGE_TOKEN} placeholder but no 'image'")
     if not has_image:
         return turns
-    image_text = DEFAULT_IMAGE_TOKEN
-    if use_im_start_end:
-        image_text = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
     placed = []
     for speaker, text in turns:
         if DEFAULT_IMAGE_TOKEN in text:

@@ -26,7 +26,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
-from llava.conversation import get_conv_template
+from llava.processor import LlavaProcessor
 
 from .arguments import (
     CompressionArguments,
@@ -404,7 +404,6 @@ def train(model_args, data_args, compression_args, training_args, callbacks=None
     model, tokenizer, image_processor, compression = build_model_and_tokenizer(
         model_args, training_args, compression_args, data_args
     )
-    template = get_conv_template(model_args.version)
     base = model.get_base_model() if training_args.lora_enable else model
     tokens = visual_tokens_per_image(base, compression) if image_processor is not None else 0
     if tokens >= training_args.model_max_length:
@@ -412,15 +411,16 @@ def train(model_args, data_args, compression_args, training_args, callbacks=None
             f"--model_max_length {training_args.model_max_length} leaves no room for text after the "
             f"{tokens} visual tokens of an image; raise it (LLaVA-1.5: 2048) or compress the visual tokens"
         )
-    dataset = LazySupervisedDataset(
-        data_args.data_path,
-        tokenizer,
-        template,
-        image_folder=data_args.image_folder,
-        image_processor=image_processor,
+    processor = LlavaProcessor.for_training(
+        tokenizer, image_processor, model_args.version,
         image_aspect_ratio=data_args.image_aspect_ratio or "square",
         image_grid_pinpoints=getattr(base.config, "image_grid_pinpoints", None),
         mm_use_im_start_end=bool(getattr(base.config, "mm_use_im_start_end", False)),
+    )
+    dataset = LazySupervisedDataset(
+        data_args.data_path,
+        processor,
+        image_folder=data_args.image_folder,
         model_max_length=training_args.model_max_length,
         visual_tokens_per_image=positions_per_image(base, tokens, data_args.image_aspect_ratio) if tokens else 0,
         bad_sample_policy=training_args.bad_sample_policy,

@@ -5,7 +5,7 @@ first use), so ``visionzip.apply_compression(hf_model, "visionzip:64")`` works o
 (``supported_classes()``). Pair the model with ``compression_aware_processor(processor, model)`` so that
 ``inputs = processor(...); model.generate(**inputs)`` feeds the LLM only the kept tokens.
 """
-from . import llava, llava_next, onevision, video_llava  # noqa: F401  (registers the families)
+from . import internvl, llava, llava_next, onevision, qwen2_5_vl, video_llava  # noqa: F401  (registers the families)
 from .base import current_compression, supported_classes
 from .processor import compression_aware_processor
 

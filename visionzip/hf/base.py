@@ -49,6 +49,8 @@ class Modality:
     method: str = "get_image_features"
     pixels: str = "pixel_values"
     token_id: str = "image_token_id"
+    # (processor, count) -> the text one placeholder becomes; None: the placeholder token ``count`` times
+    placeholder_text: Callable[[Any, int], str] | None = None
 
 
 @dataclass
@@ -61,6 +63,12 @@ class HFFamily:
     modalities: tuple[Modality, ...]
     # the inner model holding ``get_image_features`` and the placeholder id
     inner: Callable[[Any], Any] = lambda model: model.model
+    # further instance methods of the inner model, (model, config) -> {name: function}: what the model
+    # calls on its own besides the features (Qwen2.5-VL: ``get_rope_index`` of the compressed layout)
+    methods: Callable[[Any, CompressionConfig], dict] | None = None
+    # (model, config, forward kwargs) -> kwargs, run by the pre-hook after the placeholder check: what
+    # the forward needs besides the features (Qwen2.5-VL: the kept tokens' original M-RoPE positions)
+    prepare: Callable[[Any, CompressionConfig, dict], dict] | None = None
 
     def matches(self, model) -> bool:
         return type(model).__name__ in self.class_names
@@ -136,6 +144,8 @@ def uninstall(family: HFFamily, model) -> None:
     state = _INSTALLED.pop(inner, None)
     if state is not None:
         state[0].remove()
+        for name in state[2]:
+            inner.__dict__.pop(name, None)
     for modality in family.modalities:
         inner.__dict__.pop(modality.method, None)
 
@@ -176,6 +186,8 @@ def install(family: HFFamily, model, config: CompressionConfig):
                     f"{modality.name} features for these inputs: build the inputs with visionzip.hf."
                     "compression_aware_processor(processor, model), whose placeholder count is the compressed count"
                 )
+        if family.prepare is not None:
+            return args, family.prepare(model, config, kwargs)
         return None
 
     for modality in family.modalities:
@@ -188,7 +200,10 @@ def install(family: HFFamily, model, config: CompressionConfig):
         features.__signature__ = own.replace(parameters=list(own.parameters.values())[1:])
         # an instance attribute: shadows the class's method for this model only (nothing global)
         setattr(inner, modality.method, features)
+    extra = family.methods(model, config) if family.methods is not None else {}
+    for name, method in extra.items():
+        setattr(inner, name, method)  # instance attributes, as the features above
     handle = inner.register_forward_pre_hook(check_placeholders, with_kwargs=True)
-    _INSTALLED[inner] = (handle, config)
+    _INSTALLED[inner] = (handle, config, tuple(extra))
     model.config.visual_compression = config.to_dict()
     return model

@@ -38,6 +38,8 @@ def compression_aware_processor(processor, model):
             # transformers calls replace_image_token(inputs, image_idx=i) / replace_video_token(inputs, video_idx=i)
             index = args[0] if args else kwargs[f"{_modality.name}_idx"]
             counts = _modality.counts(model, settings, inputs)
+            if _modality.placeholder_text is not None:  # a family whose placeholder has delimiters (InternVL)
+                return _modality.placeholder_text(self, counts[index])
             return getattr(self, f"{_modality.name}_token") * counts[index]
 
         setattr(aware, hook, MethodType(replace_token, aware))

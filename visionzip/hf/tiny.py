@@ -21,7 +21,8 @@ def tiny_tokenizer():
 
     vocab = {token: i for i, token in enumerate(SPECIAL + tuple(WORDS))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(r"(<image>|\s+)", behavior="isolated")
+    # words at whitespace; <image> and the other special tokens are split out as added tokens
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
@@ -136,3 +137,100 @@ def tiny_onevision(seed: int = 0, image_size: int = 112):
         vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
     )
     return LlavaOnevisionForConditionalGeneration(config).eval(), tokenizer
+
+
+def tiny_qwen2_5_vl(seed: int = 0, attn_implementation: str = "sdpa"):
+    """(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor): a 3-block window-attention ViT whose last
+    block attends fully (as the real checkpoints' blocks 7, 15, 23, 31), 56-pixel windows (2 x 2 merge
+    units), the 2 x 2 patch merger, and a 2-layer M-RoPE LLM. A 112 x 168 image is an 8 x 12 patch grid,
+    24 merged tokens."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessorPil,
+    )
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]}
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    vision = dict(
+        depth=3, fullatt_block_indexes=[2], hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+    )
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        vision_config=vision, text_config=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn_implementation)
+
+    class ImageTextQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        """transformers' Qwen2.5-VL processor without its video processor, which needs torchvision."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=224 * 224)
+    processor = ImageTextQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return model, processor
+
+
+def tiny_internvl(seed: int = 0, image_size: int = 112, max_tiles: int = 4):
+    """(InternVLForConditionalGeneration, InternVLProcessor): a 3-layer InternViT with qk-norm and CLS on
+    ``image_size`` tiles of 14-pixel patches ((image_size / 14)^2 patches, pixel-shuffled 2 x 2 into
+    (image_size / 28)^2 tokens per tile: 16 at 112), tiling of up to ``max_tiles`` tiles plus a thumbnail,
+    and the ``<img>`` / ``<IMG_CONTEXT>`` / ``</img>`` placeholders."""
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVisionConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    base = tiny_tokenizer()
+    base.add_special_tokens({"additional_special_tokens": ["<image>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]})
+    # InternVLProcessor reads its placeholders from these named special tokens of the tokenizer
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+        eos_token="</s>", padding_side="left",
+        extra_special_tokens={
+            "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    tokens_per_tile = (image_size // 28) ** 2
+    vision = InternVLVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=image_size,
+        patch_size=14, use_qk_norm=True,
+    )
+    torch.manual_seed(seed)
+    config = InternVLConfig(
+        vision_config=vision, text_config=_text_config(len(tokenizer)).to_dict(),
+        image_token_id=tokenizer.context_image_token_id, image_seq_length=tokens_per_tile,
+    )
+    model = InternVLForConditionalGeneration(config).eval()
+
+    class ImageTextInternVLProcessor(InternVLProcessor):
+        """transformers' InternVL processor without its video processor, which needs torchvision."""
+
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template=chat_template, **kwargs)
+
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": image_size, "width": image_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles
+    )
+    processor = ImageTextInternVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_tile
+    )
+    return model, processor

@@ -387,7 +387,7 @@ class _PruMergeSettings(MethodSettings):
     def check(self, adapter: VisionEncoderAdapter, select_layer: int) -> None:
         adapter.layer_index(select_layer)
         if not adapter.has_cls:
-            raise ValueError(f"{self.name} ranks patches by CLS attention; {type(adapter.model).__name__} has no CLS token")
+            raise ValueError(no_cls_position_reason(self.name, adapter))
         patches = adapter.num_patches
         if self.neighbours > patches - 1:
             raise ValueError(f"{self.name}: neighbours = {self.neighbours} exceeds the {patches - 1} other patches")
@@ -438,6 +438,23 @@ class _PruMergeSettings(MethodSettings):
         return prumerge_compress(
             adapter, hidden, last_input, self.plus, self.mode, self.tokens, self.ratio, self.neighbours
         )
+
+
+def no_cls_position_reason(name: str, adapter: VisionEncoderAdapter) -> str:
+    """Why ``check`` refuses an adapter whose token sequence has no CLS position (``has_cls`` False).
+
+    PruMerge needs the CLS token at position 0 of the sequence it compresses: its query row ranks the
+    other positions, and it is dropped from the output. A tower may have a CLS token that is still not
+    part of that sequence (an adapter exposing derived tokens, such as pixel-shuffle units, reports
+    ``tower_has_cls``); the message then says so instead of claiming the tower has none."""
+    tower = type(adapter.model).__name__
+    if getattr(adapter, "tower_has_cls", False):
+        return (
+            f"{name} ranks the tokens it compresses by the attention of a CLS token at position 0 of that "
+            f"sequence; {tower} has a CLS token, but the sequence {type(adapter).__name__} hands to the methods "
+            "has no CLS position (its tokens are derived from the patches, the CLS is not one of them)"
+        )
+    return f"{name} ranks patches by CLS attention; {tower} has no CLS token"
 
 
 @register_method

@@ -295,12 +295,18 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         images: torch.FloatTensor | list | None = None,
         image_sizes: list | None = None,
         visual_mask: torch.Tensor | None = None,
+        host_input_ids: torch.Tensor | None = None,
+        host_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         # visual_mask (B, N) bool: where the visual tokens of inputs_embeds sit (generate passes the splice's;
-        # in-LLM methods prune among them)
+        # in-LLM methods prune among them). host_input_ids / host_attention_mask: CPU copies of the prompt
+        # (LlavaInputs.generate_kwargs): the inference splice reads its width from them, not from the device
         if inputs_embeds is None and images is not None and input_ids is not None and input_ids.shape[1] > 1:
-            spliced = self.splice_multimodal(input_ids, images, image_sizes, attention_mask, position_ids, labels)
+            spliced = self.splice_multimodal(
+                input_ids, images, image_sizes, attention_mask, position_ids, labels,
+                host_input_ids=host_input_ids, host_attention_mask=host_attention_mask,
+            )
             input_ids, inputs_embeds = None, spliced.inputs_embeds
             attention_mask, position_ids, labels = spliced.attention_mask, spliced.position_ids, spliced.labels
             visual_mask = spliced.visual_mask
@@ -364,9 +370,14 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
 
         Returns only the new tokens (transformers generates from embeddings here). Batches are padded on
         the left whatever ``tokenizer_padding_side`` says, so that every sample continues from its end.
+        ``host_input_ids`` / ``host_attention_mask``: CPU copies of the prompt (``LlavaInputs.generate_kwargs``
+        passes them): with them the image path and the splice make no host synchronisation (the splice's
+        width is read on the host); they are not handed on to transformers.
         """
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
+        host_input_ids = kwargs.pop("host_input_ids", None)
+        host_attention_mask = kwargs.pop("host_attention_mask", None)
         if kwargs.get("inputs_embeds") is not None:
             if inputs is not None or images is not None:
                 raise ValueError("generate takes either token ids (with images) or inputs_embeds, not both")
@@ -379,7 +390,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             # [VisionZip-LLaVA] always left padding here: right padding (the checkpoints' training setting)
             # would put pads between a prompt and its continuation in a batch.
             spliced = self.splice_multimodal(
-                inputs, images, image_sizes, attention_mask, position_ids, padding_side="left"
+                inputs, images, image_sizes, attention_mask, position_ids, padding_side="left",
+                host_input_ids=host_input_ids, host_attention_mask=host_attention_mask,
             )
             inputs_embeds, attention_mask, position_ids = (
                 spliced.inputs_embeds, spliced.attention_mask, spliced.position_ids
