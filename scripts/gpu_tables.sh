@@ -47,7 +47,9 @@ step methods_1.5-7b "${STEP1:-200}" --geometry $G15 "${COMMON[@]}" --batch "${BA
 step next-7b "${STEP2:-100}" --geometry $GNEXT "${COMMON[@]}" --batch 1 --methods "${NEXT[@]}"
 step 1.5-13b "${STEP3:-70}" --geometry $G13 "${COMMON[@]}" --batch 1 --methods none visionzip:64
 # the compiled path (static cache + CUDA graphs) beside eager, with the roofline; an in-LLM method gets its
-# eager row only (the compiled path refuses it by name)
+# eager row only (the compiled path refuses it by name). Each +compile row also times the image path's
+# stages 1-2 captured and eager, vanilla and compressed, in one run (the "image step / tower" columns: the
+# issue's compression step <= 1.03x the vanilla tower at batch 1), each against the tower's roofline bound
 step compiled_1.5-7b "${STEP4:-200}" --geometry $G15 "${COMMON[@]}" --batch 1 "${COMPILE[@]}" --methods none visionzip:64 $FASTV
 step compiled_next-7b "${STEP5:-150}" --geometry $GNEXT "${COMMON[@]}" --batch 1 "${COMPILE[@]}" --methods none visionzip:32
 exit $FAILED

@@ -97,3 +97,29 @@ def test_cli_rejects_bad_arguments():
         main(["--geometry", "no-such-model"])
     with pytest.raises(ValueError, match="visual tokens must be >= 2, got 1"):
         main(["--geometry", "tiny", *FAST, "--methods", "visionzip:1"])
+
+
+def test_compiled_rows_measure_the_captured_image_path_beside_eager(tmp_path):
+    # --compile (aot_eager on the CPU): the compiled row times the image path's stages 1-2 captured and eager,
+    # vanilla and compressed, in one run, with the roofline of each; the eager rows' original-tower call
+    # (hidden states asked for) does not push the captured path back to eager
+    out_md = tmp_path / "bench.md"
+    result = main(["--geometry", "tiny", "--layers", "1", *FAST, "--compile", "--compile-backend", "aot_eager",
+                   "--methods", "none", "visionzip:54,10", "--stages", "vision", "generate",
+                   "--markdown", str(out_md)])
+    rows = {(r["method"], bool(r.get("compiled"))): r for r in result["rows"]}
+    vanilla, zipped = rows[("none", True)], rows[("visionzip:54,10", True)]
+    assert rows[("none", False)]["original_tower_s"] > 0  # the eager rows ran their original-tower call first
+    for row in (vanilla, zipped):
+        assert row["image_path_eager"] is None, row["image_path_eager"]
+        assert row["image_tower_min_s"] <= row["image_tower_s"] <= row["image_tower_max_s"]
+        assert row["image_tower_s"] > 0 and row["eager_image_tower_s"] > 0
+        assert row["image_tower_vs_bound"] == row["image_tower_s"] / row["image_tower_bound_s"]
+        assert row["generated_tokens"] == 2
+    assert "image_step_s" not in vanilla  # nothing to compress on the vanilla row
+    assert zipped["image_step_vs_tower"] == zipped["image_step_s"] / zipped["image_tower_s"]
+    assert zipped["eager_image_step_vs_tower"] == zipped["eager_image_step_s"] / zipped["eager_image_tower_s"]
+    assert zipped["image_step_bound_s"] == zipped["image_tower_bound_s"]  # the step's bound is the tower's work
+    assert rows[("visionzip:54,10", False)]["step_vs_bound"] > 0
+    text = out_md.read_text()
+    assert "| 1 | visionzip 54+10 +compile | " in text and "eager step / tower" in text and "step / bound" in text

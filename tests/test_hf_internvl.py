@@ -164,3 +164,44 @@ def test_bad_input_is_named_before_the_language_model(compressed):
     assert calls == []
     visionzip.visionzip(model, 6, 2)  # the helper accepts the class too
     assert visionzip.hf.current_compression(model) == CompressionConfig.parse(SPEC)
+
+
+def test_compressed_image_features_compile_to_one_graph_equal_to_eager():
+    # the adapter's explicit loop (no hooks, no exception to stop early): torch.compile(fullgraph=True)
+    # captures tower + unit scoring + selection + merge + projector as one graph (a break would raise), with
+    # eager's tensors (aot_eager: the same kernels, traced). A model of its own: once a tower has been asked
+    # for hidden_states / attentions (the tests above), transformers keeps output-capturing hooks on its
+    # layers that read a ContextVar, which dynamo cannot trace (the eager path is unaffected)
+    model, processor = tiny_internvl()
+    visionzip.apply_compression(model, SPEC)
+    pixels = processor(images=images(), text=TEXT, return_tensors="pt", padding=True)["pixel_values"]
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda gm, _: gm.forward)(graph_module, example_inputs)
+
+    with torch.no_grad():
+        eager = model.model.get_image_features(pixel_values=pixels)
+        compiled = torch.compile(model.model.get_image_features, backend=counting_backend, fullgraph=True, dynamic=False)
+        traced = compiled(pixel_values=pixels)
+    assert len(graphs) == 1
+    ops = {str(node.target) for node in graphs[0].graph.nodes}
+    assert {"topk"} <= ops and any("conv2d" in op for op in ops)  # patch embedding through the top-k selection
+    assert traced.pooler_output.shape == (4, 8, model.config.text_config.hidden_size)
+    assert torch.equal(traced.pooler_output, eager.pooler_output)
+    assert torch.equal(traced.last_hidden_state, eager.last_hidden_state)
+
+
+def test_complete_forward_capture_equals_the_loop(model_and_processor):
+    # early_exit=False (DeepSpeed ZeRO-3: the tower's own complete forward, hooks) gives the loop's tensors
+    model, processor = model_and_processor
+    adapter = internvl.tower_adapter(model)
+    pixels = processor(images=images(), text=TEXT, return_tensors="pt", padding=True)["pixel_values"]
+    with torch.no_grad():
+        for layer in (-1, -2):
+            loop, own = adapter.run(pixels, layer), adapter.run(pixels, layer, early_exit=False)
+            assert torch.equal(loop.hidden, own.hidden) and torch.equal(loop.attn_input, own.attn_input)
+    assert adapter.run(pixels, -1, capture_attn_input=False).attn_input is None

@@ -14,7 +14,8 @@ from visionzip.methods import registered_methods
 IN_LLM = "acts inside the language model \\(stage 'llm'\\); the Hugging Face adapters take vision-side methods"
 CLIP_LIKE = {"visionzip": None, "vispruner": None, "tome": None, "prumerge": None, "prumerge+": None, "random": None,
              "pooling": None}
-QWEN_ONLY_VISIONZIP = "the Qwen2.5-VL adapter compresses with VisionZip on the merged tokens .*; {} is not adapted"
+# Qwen2.5-VL: the methods see each image's merged tokens (no CLS position); the tower runs in one pass
+QWEN_NO_CLS = "image 0 \\(64 merged tokens\\): {} ranks patches by CLS attention; Qwen2_5_VisionTransformerPretrainedModel has no CLS"
 # family -> method -> None (runs) or the refusal's message (a regex); in-LLM methods: IN_LLM everywhere
 EXPECTED = {
     "llava": CLIP_LIKE,
@@ -22,8 +23,12 @@ EXPECTED = {
     "video_llava": CLIP_LIKE,
     "onevision": {**CLIP_LIKE, "prumerge": "prumerge ranks patches by CLS attention; SiglipVisionModel has no CLS token",
                   "prumerge+": "prumerge\\+ ranks patches by CLS attention; SiglipVisionModel has no CLS token"},
-    "qwen2_5_vl": {"visionzip": None, **{m: QWEN_ONLY_VISIONZIP.format(m.replace("+", "\\+"))
-                                         for m in ("vispruner", "tome", "prumerge", "prumerge+", "random", "pooling")}},
+    "qwen2_5_vl": {
+        "visionzip": None, "vispruner": None, "random": None, "pooling": None,
+        "tome": "tome acts inside the vision tower \\(stage 'tower'\\); Qwen2.5-VL's tower runs all images as one "
+                "window-ordered sequence",
+        "prumerge": QWEN_NO_CLS.format("prumerge"), "prumerge+": QWEN_NO_CLS.format("prumerge\\+"),
+    },
     "internvl": {
         "visionzip": None, "vispruner": None, "random": None, "pooling": None,
         "tome": "tome acts inside the vision tower \\(stage 'tower'\\).* before the pixel shuffle",

@@ -109,3 +109,24 @@ def test_chat_session_cache_equals_recomputing_the_conversation(tiny, image_file
             embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
     generated = session.cached_ids[len(ids) : len(ids) + len(expected)]
     assert generated == expected
+
+
+def test_chat_session_compiled_image_path_replies_equal_eager(tiny, image_file):
+    """--compile (aot_eager here): the chat encodes its image through the runner's captured image path (one
+    graph: tower, VisionZip, projector) and replies as the eager chat does, turn by turn."""
+    from llava.model.compiled import CompiledLlava
+
+    tokenizer, model, processor, _ = load_pretrained_model(tiny["v1.5"], None, None, device="cpu")
+    model.set_visual_compression("visionzip:54,10")
+    image = Image.open(image_file).convert("RGB")
+    compiled = CompiledLlava(model, backend="aot_eager")
+    replies, features = {}, {}
+    for name, runner in (("eager", None), ("compiled", compiled)):
+        chat = ChatSession(model, tokenizer, processor, compiled=runner, max_cache_len=1024)
+        chat.set_image(image)
+        features[name] = chat.image_features
+        replies[name] = [chat.ask(q, max_new_tokens=5) for q in ("What is in the picture?", "Tell me more.")]
+    assert compiled.captured_image_paths == 1 and compiled.eager_image_paths == {}
+    assert len(features["compiled"]) == 1 and features["compiled"][0].shape[0] == 64
+    assert torch.equal(features["compiled"][0], features["eager"][0])  # aot_eager: the same kernels, traced
+    assert replies["compiled"] == replies["eager"]

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .scoring import received_attention
+
 # normalised pixels ((x - mean) / std) stay within about 3 for CLIP and SigLIP; raw 0..255 values do not
 MAX_NORMALISED_PIXEL = 10.0
 
@@ -223,6 +225,14 @@ class VisionEncoderAdapter:
             q = q[:, :, query_rows]
         k = attn.k_proj(attn_input).view(bsz, n, heads, head_dim).transpose(1, 2)
         return q, k, float(attn.scale)
+
+    def received_attention(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        """(B, N) the attention each token of this adapter's sequence receives (VisionZip appendix A.2, for
+        sequences without CLS), from q and k as ``queries_keys`` returns them: here the mean over heads and
+        queries of the softmax over the N keys. An adapter whose tokens are groups of the tower's patches
+        overrides it with its tower's own attention pattern (``visionzip.hf.qwen2_5_vl``: attention over the
+        patches, averaged over each token's patches, as the official VisionZip Qwen2.5-VL port)."""
+        return received_attention(q, k, scale)
 
 
 class CLIPEncoderAdapter(VisionEncoderAdapter):

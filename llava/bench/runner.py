@@ -15,6 +15,7 @@ Stages (medians over ``repeats`` after ``warmup``; peak memory above what was in
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import warnings
 from dataclasses import dataclass
@@ -204,15 +205,20 @@ def run_method(model, inputs: BenchInputs, method: BenchMethod, settings: Settin
     with torch.no_grad():
         if "vision" in settings.stages:
             views = inputs.views
+            # a copy of the tower for the original LLaVA's call: asked for hidden states once, a transformers
+            # model keeps output-capturing hooks on its layers, which dynamo cannot trace, so that the
+            # captured image path of the compiled rows (same model, same process) would fall back to eager
+            original_tower = copy.deepcopy(tower.vision_tower)
             calls = {
                 # the original LLaVA: all layers, every hidden state kept, hidden_states[select_layer] read
-                "original_tower": lambda: tower.vision_tower(views, output_hidden_states=True).hidden_states[
+                "original_tower": lambda: original_tower(views, output_hidden_states=True).hidden_states[
                     tower.select_layer],
                 "tower": compression_step(model, inputs, BenchMethod("none", type(c)())),
             }
             if not method.is_vanilla:
                 calls["step"] = step
             m = measure_interleaved(calls, repeats=repeats, warmup=warmup, device=device)
+            del original_tower, calls
             stepm, towerm, originalm = m.get("step", m["tower"]), m["tower"], m["original_tower"]
             row.update(
                 original_tower_s=originalm.median, original_tower_peak_mib=originalm.peak_mib,
@@ -322,8 +328,11 @@ def decode_steps(model, out, attention_mask, position_ids, steps: int) -> None:
 
 def measure_generate(model, inputs: BenchInputs, settings: Settings) -> dict:
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    # the prompt's host copy (``LlavaInputs.generate_kwargs``), as a server holds it from its tokenizer: the
+    # splice reads the spliced width on the host (no host sync in the image path and the splice), as the
+    # compiled rows do
     common = dict(images=inputs.images, image_sizes=inputs.image_sizes, do_sample=False, pad_token_id=pad,
-                  use_cache=True)
+                  use_cache=True, host_input_ids=inputs.input_ids.cpu())
     new_tokens = settings.new_tokens
     holder = {}
 
@@ -373,10 +382,12 @@ def audit_method(model, inputs: BenchInputs, method: BenchMethod, step) -> dict:
 # ----- the compiled path (--compile) --------------------------------------------------------------
 def run_compiled(model, inputs: BenchInputs, method: BenchMethod, settings: Settings, compiled) -> dict:
     """The LLM side of one method on the compiled path (``llava.model.compiled.CompiledLlava``), measured
-    as the eager row is: prefill (bucket-padded, static cache), decode per token, TTFT and generate(N).
-    The image path is eager in both, so the vision stages are not repeated; TTFT and generate pass the
-    prompt's host copy, so that their image path and splice make no host sync. Warm-up is at least 2
-    rounds: the first compiles (and on CUDA the next records the graphs)."""
+    as the eager row is: prefill (bucket-padded, static cache), decode per token, TTFT and generate(N);
+    and, with the "vision" stage, the image path's stages 1-2 captured vs eager, vanilla vs compressed
+    (``measure_image_path``: the issue's "compression step <= 1.03x the vanilla tower"). TTFT and generate
+    run the captured image path (``CompiledLlava.project_views``) and pass the prompt's host copy, so that
+    their image path and splice make no host sync. Warm-up is at least 2 rounds: the first compiles (and
+    on CUDA the next records the graphs)."""
     import math
 
     from llava.model.compiled import CACHE_ROUNDING, bucket_length
@@ -401,6 +412,8 @@ def run_compiled(model, inputs: BenchInputs, method: BenchMethod, settings: Sett
         row.update(seq_len=n, visual_tokens=n - inputs.text_tokens, prefill_bucket=bucket,
                    llm_flops_per_layer=llm_layer_flops(n, hidden, intermediate),
                    llm_flops=layers * llm_layer_flops(n, hidden, intermediate))
+        if "vision" in settings.stages:
+            row.update(measure_image_path(model, inputs.views, method.compression, compiled, settings, warmup))
         if "prefill" in settings.stages:
             cache_len = math.ceil((bucket + new_tokens) / CACHE_ROUNDING) * CACHE_ROUNDING
             embed_tokens = model.get_input_embeddings()
@@ -440,3 +453,45 @@ def run_compiled(model, inputs: BenchInputs, method: BenchMethod, settings: Sett
             row.update(ttft_s=ttft.median, generate_s=gen.median, generate_peak_mib=gen.peak_mib,
                        generated_tokens=int(holder["ids"].shape[-1]))
     return row
+
+
+def measure_image_path(model, views, compression, compiled, settings: Settings, warmup: int) -> dict:
+    """The image path's stages 1-2 on ``views`` (B * V, 3, S, S): tower + vision-side compression +
+    projector (``project_views``), four ways, in one process round by round (the order alternating, so
+    that load drift hits all alike): captured (``CompiledLlava.project_views``: one graph per (compression,
+    views shape)) and eager (``model.project_views``), each vanilla (the tower up to the selected layer,
+    then the projector) and with ``compression``. The compression is switched before each call, outside
+    the timed part. Medians over ``settings.repeats`` after ``warmup`` rounds (the first captures the
+    graphs; on CUDA the next records them), with min and max; ratios of the medians of this run:
+    ``image_step_vs_tower`` (captured; the issue's target, <= 1.03 at batch 1) and
+    ``eager_image_step_vs_tower``. ``image_path_eager``: dynamo's reason where the captured path fell back
+    to eager (then the captured figures are eager ones), else None."""
+    calls = {"image_tower": (compiled.project_views, None), "eager_image_tower": (model.project_views, None)}
+    if compression.enabled:
+        calls.update(image_step=(compiled.project_views, compression),
+                     eager_image_step=(model.project_views, compression))
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        with torch.no_grad():
+            for round_index in range(warmup + settings.repeats):
+                for name in names if round_index % 2 == 0 else names[::-1]:
+                    project, setting = calls[name]
+                    model.set_visual_compression(setting)
+                    elapsed = timed_call(lambda project=project: project(views), settings.device)
+                    if round_index >= warmup:
+                        times[name].append(elapsed)
+    finally:
+        model.set_visual_compression(compression)
+    out: dict = {}
+    for name in names:
+        out[f"{name}_s"] = statistics.median(times[name])
+        out[f"{name}_min_s"], out[f"{name}_max_s"] = min(times[name]), max(times[name])
+    if compression.enabled:
+        out["image_step_vs_tower"] = out["image_step_s"] / out["image_tower_s"]
+        out["eager_image_step_vs_tower"] = out["eager_image_step_s"] / out["eager_image_tower_s"]
+    out["image_tower_compiled_vs_eager"] = out["image_tower_s"] / out["eager_image_tower_s"]
+    reasons = compiled.eager_image_paths
+    fell_back = [spec for spec in {c.spec() for _, c in calls.values() if c is not None} | {"none"} if spec in reasons]
+    out["image_path_eager"] = "; ".join(f"{spec}: {reasons[spec]}" for spec in sorted(fell_back)) or None
+    return out

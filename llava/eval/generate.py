@@ -76,6 +76,7 @@ def check_resumable(answers_file: Path, settings: dict) -> None:
     if not settings_file.is_file():
         return
     previous = read_json(settings_file)
+    settings = json.loads(json.dumps(settings))  # as stored: tuples read back as lists
     changed = {k: (previous.get(k), settings.get(k)) for k in ANSWER_AFFECTING if previous.get(k) != settings.get(k)}
     if changed:
         details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())

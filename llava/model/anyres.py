@@ -186,7 +186,9 @@ def anyres_image_features(
                 "(mm_vision_select_feature must be 'patch')"
             )
         return torch.cat([base, spatial_features(features[1:], grid_rows, grid_cols, side, image_size, newline)])
-    crops = dataclasses.replace(compressed, tokens=features[1:], keep_indices=compressed.keep_indices[1:])
+    merged = compressed.merged_indices
+    crops = dataclasses.replace(compressed, tokens=features[1:], keep_indices=compressed.keep_indices[1:],
+                                merged_indices=None if merged is None else merged[1:])
     if layout == "official":
         grid = official_layout(crops, grid_rows, grid_cols, side)
     else:

@@ -51,8 +51,10 @@ class ProjectedTokens:
         part = slice(start, stop)
         if self.compressed is None:
             return ProjectedTokens(self.tokens[part], None)
+        merged = self.compressed.merged_indices
         compressed = dataclasses.replace(
-            self.compressed, tokens=self.compressed.tokens[part], keep_indices=self.compressed.keep_indices[part]
+            self.compressed, tokens=self.compressed.tokens[part], keep_indices=self.compressed.keep_indices[part],
+            merged_indices=None if merged is None else merged[part],
         )
         return ProjectedTokens(self.tokens[part], compressed)
 

@@ -68,8 +68,11 @@ class ChatSession:
         processor = LlavaProcessor(self.tokenizer, self.image_processor, self.model.config, self.conv_mode,
                                    device=self.device, dtype=self.model.get_input_embeddings().weight.dtype)
         pixels = processor.image_pixels([image])
+        # on the compiled path the image's stages 1-2 (tower, compression, projector) run as its captured graph
+        project_views = None if self.compiled is None else self.compiled.project_views
         with torch.no_grad():
-            self.image_features = self.model.get_image_features(pixels, [image.size]).per_image
+            self.image_features = self.model.get_image_features(
+                pixels, [image.size], project_views=project_views).per_image
         self.image_encodes += 1
         self.image = image
         self.conv = get_conv_template(self.conv_mode)

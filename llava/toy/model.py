@@ -41,7 +41,7 @@ class ToySettings:
     """Everything that decides the toy model; its hash names the cache folder."""
 
     seed: int = 0
-    train_images: int = 1200
+    train_images: int = 1600
     eval_images: int = 120
     epochs: int = 4
     batch_size: int = 8

@@ -49,6 +49,13 @@ def say(*parts, **kwargs) -> None:
     print(*parts, **{"flush": True, **kwargs})
 
 
+def loss_span(losses: list) -> str:
+    """Mean loss of the first and of the last tenth of the steps (single steps of batch 8 are noisy)."""
+    part = max(1, len(losses) // 10)
+    first, last = sum(losses[:part]) / part, sum(losses[-part:]) / part
+    return f"{first:.3f} -> {last:.3f} (means of the first and last {part} steps)"
+
+
 # ------------------------------------------------------------------------------------------- accuracy
 def accuracy_rows(evaluator, methods: list[str], budgets=BUDGETS, printer=say) -> tuple[dict, dict, dict]:
     """Accuracy (%) per method and budget. Returns (vanilla score, {method: {tokens: ToyScore | None}},
@@ -63,11 +70,13 @@ def accuracy_rows(evaluator, methods: list[str], budgets=BUDGETS, printer=say) -
         start = time.perf_counter()
         row = {}
         for tokens in budgets:
-            try:
-                row[tokens] = evaluator.evaluate(f"{method}:{tokens}")
+            try:  # the method's and the model's checks: a budget it cannot take is n/a, with the reason
+                evaluator.set_compression(f"{method}:{tokens}")
             except (ValueError, NotImplementedError) as err:
                 row[tokens] = None
                 reasons.setdefault(method, f"{method}:{tokens}: {err}")
+            else:  # anything failing from here on is an error, not a refused budget
+                row[tokens] = evaluator.evaluate(f"{method}:{tokens}")
         table[method] = row
         cells = " ".join(f"{t}:{'n/a' if s is None else f'{s.accuracy:.1f}'}" for t, s in row.items())
         printer(f"  {method:<10} {cells}  [{time.perf_counter() - start:.0f} s]")
@@ -96,7 +105,7 @@ def plot_accuracy(vanilla, table: dict, majority: float, path: Path, budgets=BUD
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     ticks = sorted((*budgets, vanilla.visual_tokens))
     ax.axhline(vanilla.accuracy, color="black", linestyle="--", linewidth=1,
                label=f"vanilla ({vanilla.visual_tokens} tokens)")
@@ -116,7 +125,7 @@ def plot_accuracy(vanilla, table: dict, majority: float, path: Path, budgets=BUD
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("Toy LLaVA: accuracy against visual tokens")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not over them
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -149,7 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=None, help="where the toy model is trained (default .cache/toy/)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per timing (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
-    parser.add_argument("--tune-steps", type=int, default=32, help="VisionZip‡ projector-tuning steps (0 skips)")
+    parser.add_argument("--tune-steps", type=int, default=100, help="VisionZip‡ projector-tuning steps (0 skips)")
     parser.add_argument("--reanswer", action="store_true", help="regenerate answers kept from earlier runs")
     parser.add_argument("--questions", type=int, default=None,
                         help="held-out questions (default: the toy settings', 120); the model is the same")
@@ -179,7 +188,7 @@ def main(argv=None) -> int:
     s = toy.settings
     how = "reused from an earlier run" if toy.cached else "trained now"
     say(f"model {toy.model_path} ({how}; training took {toy.train_seconds:.0f} s): {s.train_images} scenes x "
-        f"{s.epochs} epoch(s), batch {s.batch_size}, loss {toy.train_losses[0]:.2f} -> {toy.train_losses[-1]:.2f}")
+        f"{s.epochs} epoch(s), batch {s.batch_size}, loss {loss_span(toy.train_losses)}")
     answers_dir = output / "answers" / f"{toy.folder.name}-{toy.question_file.parent.name}"
     if args.reanswer and answers_dir.exists():
         shutil.rmtree(answers_dir)
@@ -201,14 +210,14 @@ def main(argv=None) -> int:
     if args.tune_steps:
         say(f"\n== 3. VisionZip‡: projector-only tuning with VisionZip {TIMING_TOKENS} in the forward ==")
         tuning = tune_projector(toy, f"visionzip:{TIMING_TOKENS}", steps=args.tune_steps, printer=say)
-        tuned = ToyEvaluator(toy, answers_dir / "visionzip-dagger", batch_size=args.batch_size,
+        tuned = ToyEvaluator(toy, answers_dir / f"visionzip-dagger-{tuning.run_dir.name}", batch_size=args.batch_size,
                              model_path=tuning.run_dir, model_base=toy.model_path)
         score = tuned.evaluate(f"visionzip:{TIMING_TOKENS}")
         before = table.get("visionzip", {}).get(TIMING_TOKENS)
         dagger_accuracy = score.accuracy
         gain = f"{score.accuracy - before.accuracy:+.1f} points" if before is not None else "n/a"
         say(f"  {tuning.steps} steps ({'reused' if tuning.cached else f'{tuning.seconds:.0f} s'}), loss "
-            f"{tuning.losses[0]:.3f} -> {tuning.losses[-1]:.3f}; accuracy at {TIMING_TOKENS} tokens: VisionZip "
+            f"{loss_span(tuning.losses)}; accuracy at {TIMING_TOKENS} tokens: VisionZip "
             f"{before.accuracy if before else float('nan'):.1f} % -> VisionZip‡ {score.accuracy:.1f} % ({gain})")
         extra_rows.append(("visionzip‡ (projector tuned at 64)", {TIMING_TOKENS: f"{score.accuracy:.1f}"}))
         del tuned

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..encoders import EncoderCapture, VisionEncoderAdapter, _StopEncoder
+from ..encoders import EncoderCapture, VisionEncoderAdapter
 from .base import HFFamily, Modality, fixed_count, register_family, single_layer, vision_settings
 
 
@@ -109,13 +109,40 @@ class InternViTUnits(VisionEncoderAdapter):
         return self.inner.pixel_shuffle(grid, scale_factor=self.ratio).reshape(bsz, -1, channels * self.factor**2)
 
     # ----- running --------------------------------------------------------------------------------
+    # the base class's pieces: ``embed`` is InternViT's embeddings (CLS prepended, no pre-layer norm), the
+    # attention input is the layer's ``layernorm_before`` output
+    attention_norm = "layernorm_before"
+
     def run(
         self, pixel_values: torch.Tensor, select_layer: int = -1, capture_attn_input: bool = True, early_exit: bool = True
     ) -> EncoderCapture:
         """Tower up to the scored layer: hidden = its units (B, U, C f^2) (the final ``layernorm`` applied
-        for the last layer, as ``last_hidden_state``), attn_input = its ``layernorm_before`` output (B, 1 + P, C)."""
+        for the last layer, as ``last_hidden_state``), attn_input = its ``layernorm_before`` output (B, 1 + P, C).
+
+        The explicit loop of ``VisionEncoderAdapter.run`` (embeddings, then the layers up to the scored one:
+        the same modules on the same tensors as InternViT's own forward, so the same values), with
+        InternViT's layer call (``layer(hidden)``: no attention mask argument). Plain tensor code:
+        ``torch.compile(fullgraph=True)`` captures it, and the compression after it, as one graph.
+        ``early_exit=False`` runs the tower's own complete forward and captures the layer with hooks."""
         self.check_pixels(pixel_values)
         index = self.layer_index(select_layer)
+        pixel_values = pixel_values.to(dtype=next(self.model.parameters()).dtype)
+        if early_exit:
+            hidden = self.embed(pixel_values)
+            for layer in self.layers[:index]:
+                hidden = layer(hidden)
+            attn_input = self.attention_input(index, hidden) if capture_attn_input else None
+            hidden = self.layers[index](hidden)
+        else:
+            hidden, attn_input = self._run_complete_forward(pixel_values, index, capture_attn_input)
+        if index == self.num_layers - 1:
+            hidden = self.model.layernorm(hidden)  # HF reads last_hidden_state for the last layer
+        patches = hidden[:, int(self.tower_has_cls) :]
+        return EncoderCapture(self.shuffle(patches), attn_input, index)
+
+    def _run_complete_forward(self, pixel_values: torch.Tensor, index: int, capture_attn_input: bool):
+        """(layer ``index``'s output, its attention input or None) from InternViT's own complete forward
+        (for DeepSpeed ZeRO-3, whose parameter hooks expect one), captured with hooks."""
         layer = self.layers[index]
         captured: dict[str, torch.Tensor] = {}
 
@@ -124,24 +151,16 @@ class InternViTUnits(VisionEncoderAdapter):
 
         def grab_output(module, args, output):
             captured["hidden"] = output[0] if isinstance(output, tuple) else output
-            if early_exit:
-                raise _StopEncoder
 
         handles = [layer.register_forward_hook(grab_output)]
         if capture_attn_input:
             handles.append(layer.attention.register_forward_pre_hook(grab_attn_input, with_kwargs=True))
         try:
-            self.model(pixel_values.to(dtype=next(self.model.parameters()).dtype))
-        except _StopEncoder:
-            pass
+            self.model(pixel_values)
         finally:
             for handle in handles:
                 handle.remove()
-        hidden = captured["hidden"]
-        if index == self.num_layers - 1:
-            hidden = self.model.layernorm(hidden)  # HF reads last_hidden_state for the last layer
-        patches = hidden[:, int(self.tower_has_cls) :]
-        return EncoderCapture(self.shuffle(patches), captured.get("attn_input"), index)
+        return captured["hidden"], captured.get("attn_input")
 
     def queries_keys(
         self, layer_index: int, attn_input: torch.Tensor, query_rows: slice | None = None

@@ -1,20 +1,30 @@
-"""``transformers.Qwen2_5_VLForConditionalGeneration`` (Qwen2.5-VL): VisionZip on the merged tokens.
+"""``transformers.Qwen2_5_VLForConditionalGeneration`` (Qwen2.5-VL): encoder-output methods on the merged tokens.
 
 Where compression acts (docs/models.md, "Qwen2.5-VL"): on the **merged** tokens, after the 2 x 2 patch
 merger, as the official port does (dvlab-research/VisionZip at 68993a3, ``Qwen2_5_VL/qwen2_5vl_visionzip.py``;
 the community VisionZip-Qwen2VL discussion #3 prunes before the merger instead). A merged token is what
 the LLM sees, so the budget counts LLM tokens, and the merger still sees complete 2 x 2 units.
 
-- Scores: the **last** vision block's attention (a full-attention block in the released checkpoints),
+The methods see each image as ``Qwen2_5_VLUnits``: its merged tokens in raster order, no CLS position; every
+encoder-output method compresses that view with its own ``compress`` (VisionZip, VisPruner, pooling, random),
+and its ``check`` runs on each image's view before the tower (budgets depend on the image's size). Methods
+acting inside the tower (stage ``tower``) are refused: the tower runs all images as one window-ordered
+sequence into the merger, which this view cannot run layer by layer.
+
+- Scores (the view's ``received_attention``, for methods scoring by received attention): the **last** vision block's attention (a full-attention block in the released checkpoints),
   recomputed from that block's q and k (captured by a forward pre-hook on its attention module; the tower
   itself keeps its SDPA kernels), over the sequences that block attends (``cu_seqlens``: one image), mean
   over heads, summed over queries (attention each patch receives), averaged over the 4 patches of each
   merge unit, and put from the tower's window order back to raster order.
-- Merge metric: that block's keys (after RoPE) averaged over the 4 patches of each unit, then over heads.
-- Per image: the top ``dominant`` merged tokens; the other R tokens are split into ``contextual`` uniformly
+- Keys (the view's ``queries_keys``; VisionZip's merge metric is their head mean): that block's keys (after
+  RoPE) averaged over the 4 patches of each unit.
+- VisionZip, per image (the official port's computation): the top ``dominant`` merged tokens; the other R tokens are split into ``contextual`` uniformly
   spaced targets (step ``max(1, R // contextual)``) and the rest; each rest token joins its most
   key-similar target; a contextual token = target + mean(joined), written at the target's place. The kept
   tokens (dominant and contextual) stay in raster order: ``dominant + contextual`` features per image.
+- Every output token has one raster index: kept tokens their own, merged tokens their method's
+  representative (``CompressedTokens.merged_indices``: VisionZip's contextual targets), or, without one
+  (pooling), evenly spread indices (``spread_positions``; our rule). Output in raster order of these.
 - Positions: each kept token keeps its original M-RoPE (t, h, w) position, and the text after an image keeps
   its original position too (an image advances M-RoPE by max(h, w) / merge, not by its token count). The
   kept positions depend on the image, so they are computed in the model: the pre-hook of the inner model
@@ -26,7 +36,7 @@ the LLM sees, so the budget counts LLM tokens, and the merger still sees complet
   pre-hook.
 
 Budgets: ``visionzip:dominant=D,contextual=C`` per image; ``visionzip:TOKENS`` is VisionZip's own split
-(``VisionZip.from_budget``: 64 -> 54 + 10). The official port instead keeps ``int(0.65 n)`` dominant and
+(``VisionZip.from_budget``: 64 -> 54 + 10); other methods ``METHOD:TOKENS`` per image. The official port instead keeps ``int(0.65 n)`` dominant and
 ``max(int(0.05 n), 1)`` contextual of an image's n merged tokens (``official_ratio_counts``).
 """
 from __future__ import annotations
@@ -39,10 +49,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
-from ..methods.base import complement_indices
-from ..methods.visionzip import VisionZip, merge_contextual
+from ..encoders import EncoderCapture, VisionEncoderAdapter
 from ..scoring import received_attention
-from .base import HFFamily, Modality, register_family, vision_settings
+from .base import HFFamily, Modality, fixed_count, register_family, vision_settings
 
 # the official port's budget: fractions of an image's merged tokens (dominant, contextual)
 OFFICIAL_DOMINANT_RATIO, OFFICIAL_CONTEXTUAL_RATIO = 0.65, 0.05
@@ -71,16 +80,6 @@ class Qwen2_5_VLCompressedOutput(BaseModelOutputWithPooling):
         return [self.keep_indices[i] for i in index], self.image_grid_thw[index]
 
 
-def _settings(config) -> VisionZip:
-    settings = vision_settings(config)
-    if not isinstance(settings, VisionZip):
-        raise ValueError(
-            f"the Qwen2.5-VL adapter compresses with VisionZip on the merged tokens (as the official port); "
-            f"{settings.name} is not adapted to Qwen2.5-VL's window-attention tower"
-        )
-    return settings
-
-
 def merge_unit(model) -> int:
     return model.config.vision_config.spatial_merge_size ** 2
 
@@ -90,23 +89,7 @@ def merged_counts(model, image_grid_thw) -> list[int]:
     return [int(t * h * w) // merge_unit(model) for t, h, w in torch.as_tensor(image_grid_thw).tolist()]
 
 
-def check_budget(settings: VisionZip, counts: list[int]) -> None:
-    """ValueError naming the budget and the smallest image's merged tokens when the budget exceeds it."""
-    total = settings.dominant + settings.contextual
-    for index, count in enumerate(counts):
-        if total > count:
-            raise ValueError(
-                f"dominant + contextual = {total} exceeds the {count} merged tokens of image {index}; "
-                f"use at most {count} tokens per image for these images"
-            )
-
-
-def check(model, config) -> None:
-    """At apply time only the method can be checked: the budget limit depends on each image's size."""
-    _settings(config)
-
-
-# ----- the vision side ----------------------------------------------------------------------------------
+# ----- the vision side: one image's merged tokens as a sequence the methods compress -------------------
 def block_queries_keys(attn, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k of a vision attention module as it computes them (RoPE applied): (N, C) -> (H, N, d) each."""
     n = hidden.shape[0]
@@ -116,51 +99,178 @@ def block_queries_keys(attn, hidden: torch.Tensor, position_embeddings) -> tuple
     return q.transpose(0, 1), k.transpose(0, 1)
 
 
-def unit_scores_and_keys(
-    q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, unit: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per merge unit, in the tower's (window) order: the attention its patches receive (mean over heads,
-    summed over the queries of the sequence the block attends, mean over the unit's patches), (N / unit,),
-    and the keys averaged over the unit's patches then over heads, (N / unit, d).
+class Qwen2_5_VLUnits(VisionEncoderAdapter):
+    """One image of Qwen2.5-VL seen as its merged tokens (module docstring): a sequence of U = t h w / 4
+    tokens in raster order over the (h / 2, w / 2) grid, no CLS, the merger's output as features.
 
-    q, k: (H, N, d) of the scored block; cu_seqlens: (S + 1,) the sequences it attends."""
-    bounds = cu_seqlens.tolist()
-    received = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        # received_attention averages over queries: times the sequence length = the sum over queries
-        received.append(received_attention(q[None, :, start:end], k[None, :, start:end], scale)[0] * (end - start))
-    scores = torch.cat(received).view(-1, unit).mean(dim=-1)
-    heads, n, dim = k.shape
-    keys = k.reshape(heads, n // unit, unit, dim).mean(dim=2).mean(dim=0)
-    return scores, keys
+    Built from the tower pass of all images (``from_pass``): the image's features (U, hidden), the last
+    block's q and k over the image's patches (H, 4U, d) in the tower's window order (four patches of a
+    unit adjacent), the bounds of the sequences that block attends within the image, and each raster
+    unit's index in window order. ``queries_keys`` hands the methods the patch queries and the unit keys
+    (raster order, each the mean of its four patches' keys): VisionZip's merge metric, as the official
+    port. ``received_attention`` scores a unit by the attention its four patches receive in the block's
+    own attention (softmax over the patches of each attended sequence, mean over heads, summed over the
+    queries, mean over the four patches), as the official port. Built from a grid alone (``queries``
+    None), it gives the geometry the methods' ``check`` needs before the tower runs.
+
+    The tower runs every image in one window-ordered pass into the 2 x 2 merger: this view cannot run it
+    layer by layer (``run``), so methods that act inside the tower (stage ``tower``) are refused."""
+
+    has_cls = False
+    family = "qwen2_5_vl"
+
+    def __init__(self, visual, grid_thw, image: int = 0, features=None, queries=None, keys=None, bounds=None,
+                 unit_order=None):
+        self.model = visual
+        self.core = visual
+        self.layers = visual.blocks
+        self.config = visual.config
+        self.image = image
+        self.grid = [int(x) for x in torch.as_tensor(grid_thw).tolist()]
+        self.merge = int(visual.spatial_merge_size)
+        self.features, self.queries, self.keys, self.bounds, self.unit_order = features, queries, keys, bounds, unit_order
+
+    @classmethod
+    def from_pass(cls, visual, image_grid_thw, features, queries, keys, cu_seqlens, window_index) -> list:
+        """One view per image from a tower pass over all images: features (U_total, hidden) raster order;
+        queries, keys (H, N, d) of the last block, window order; cu_seqlens (S + 1,) the sequences it
+        attends; window_index (U_total,) the window order of the raster units."""
+        unit = int(visual.spatial_merge_size) ** 2
+        raster = torch.argsort(window_index.to(features.device))  # raster unit -> its place in window order
+        bounds = cu_seqlens.tolist()
+        views, start = [], 0
+        for image, grid in enumerate(torch.as_tensor(image_grid_thw).tolist()):
+            count = int(grid[0] * grid[1] * grid[2]) // unit
+            first, last = start * unit, (start + count) * unit  # the image's patches (window order)
+            local = [b - first for b in bounds if first <= b <= last]
+            views.append(cls(
+                visual, grid, image, features[start : start + count], queries[:, first:last], keys[:, first:last],
+                local, raster[start : start + count] - start,
+            ))
+            start += count
+        return views
+
+    # ----- geometry ---------------------------------------------------------------------------------
+    @property
+    def unit_rows(self) -> int:
+        return self.grid[1] // self.merge
+
+    @property
+    def unit_cols(self) -> int:
+        return self.grid[2] // self.merge
+
+    @property
+    def num_patches(self) -> int:
+        """Merged tokens of the image (the sequence the methods compress)."""
+        return self.grid[0] * self.unit_rows * self.unit_cols
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches
+
+    @property
+    def patches_per_side(self) -> int:
+        if self.grid[0] != 1 or self.unit_rows != self.unit_cols:
+            raise ValueError(
+                f"its merged tokens lie on a {self.unit_rows} x {self.unit_cols} grid "
+                f"({self.grid[0]} temporal step(s)), not a square one; a method that lays the tokens on a square "
+                "side needs a square image"
+            )
+        return self.unit_rows
+
+    @property
+    def image_size(self) -> int:
+        return self.patches_per_side * self.patch_size
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per side of a merged token."""
+        return int(self.config.patch_size) * self.merge
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.out_hidden_size)
+
+    # ----- running ----------------------------------------------------------------------------------
+    def run(self, pixel_values, select_layer: int = -1, capture_attn_input: bool = True, early_exit: bool = True):
+        raise ValueError(
+            "Qwen2.5-VL's tower runs all images as one window-ordered sequence into the 2 x 2 merger; "
+            f"{type(self).__name__} hands each image's merged tokens to a method's compress and cannot run "
+            "the tower layer by layer"
+        )
+
+    def queries_keys(self, layer_index: int, attn_input=None, query_rows: slice | None = None):
+        """The last block's q over the image's patches (1, H, 4U, d) (window order; ``query_rows`` of
+        them), its keys pooled to units (1, H, U, d) (raster order) and the softmax scale. The block's q
+        and k were computed once for the whole tower pass (``from_pass``); only the last block is scored."""
+        if self.queries is None:
+            raise ValueError(f"{type(self).__name__} built from a grid alone holds no tower pass")
+        if layer_index != self.num_layers - 1:
+            raise ValueError(
+                f"Qwen2.5-VL's merged tokens are scored with the last vision block ({self.num_layers - 1}), "
+                f"not block {layer_index}"
+            )
+        heads, n, dim = self.keys.shape
+        unit_keys = self.keys.reshape(heads, n // self.merge**2, self.merge**2, dim).mean(dim=2)[:, self.unit_order]
+        q = self.queries if query_rows is None else self.queries[:, query_rows]
+        return q[None], unit_keys[None], float(self.layers[layer_index].attn.scaling)
+
+    def received_attention(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        """(1, U) per unit, raster order: the attention its patches receive in the last block (softmax over
+        the patches of each sequence the block attends, mean over heads, summed over that sequence's
+        queries), mean over the unit's patches. q: (1, H, 4U, d) the patch queries from ``queries_keys``;
+        the patch keys are this view's (``k`` holds the unit keys)."""
+        received = []
+        for start, end in zip(self.bounds[:-1], self.bounds[1:]):
+            # received_attention averages over queries: times the sequence length = the sum over queries
+            part = received_attention(q[:, :, start:end], self.keys[None, :, start:end], scale)[0] * (end - start)
+            received.append(part)
+        scores = torch.cat(received).view(-1, self.merge**2).mean(dim=-1)
+        return scores[self.unit_order][None]
 
 
-def select_and_merge(
-    features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image's merged tokens, raster order: features (n, hidden), scores (n,), keys (n, d) ->
-    kept tokens (dominant + contextual, hidden) in raster order with each contextual token at its target's
-    place, and their raster indices (dominant + contextual,) ascending."""
-    n = features.shape[0]
-    top = scores.topk(dominant).indices.sort().values[None]  # (1, D)
-    remaining = complement_indices(top, n)[0]  # (R,) ascending
-    merged, targets, _ = merge_contextual(features[remaining][None], keys[remaining][None], contextual)
-    target_index = remaining[targets]
-    keep = torch.cat([top[0], target_index]).sort().values
-    tokens = features.clone()
-    tokens[target_index] = merged[0].to(tokens.dtype)
-    return tokens[keep], keep
+def _views(model, image_grid_thw) -> list[Qwen2_5_VLUnits]:
+    return [Qwen2_5_VLUnits(model.model.visual, grid, i) for i, grid in enumerate(torch.as_tensor(image_grid_thw).tolist())]
+
+
+def check_images(model, settings, image_grid_thw) -> list[int]:
+    """The method's own ``check`` against each image's merged tokens (a ValueError naming the image and its
+    count); returns the placeholder count of each image."""
+    counts = []
+    for view in _views(model, image_grid_thw):
+        try:
+            settings.check(view, -1)
+            counts.append(fixed_count(settings, view.num_tokens))
+        except ValueError as err:
+            raise ValueError(f"image {view.image} ({view.num_tokens} merged tokens): {err}") from err
+    return counts
+
+
+def check(model, config) -> None:
+    """At apply time: the stage (the budget limit depends on each image's size, checked per image)."""
+    settings = vision_settings(config)
+    if settings.stage == "tower":
+        raise ValueError(
+            f"{settings.name} acts inside the vision tower (stage 'tower'); Qwen2.5-VL's tower runs all images as "
+            "one window-ordered sequence into the 2 x 2 merger, which Qwen2_5_VLUnits cannot run layer by layer: "
+            "use an encoder_output method"
+        )
+
+
+def spread_positions(count: int, total: int, device=None) -> torch.Tensor:
+    """(count,) raster indices evenly spread over ``total`` tokens: where merged tokens that have no
+    position of their own (pooling) are placed."""
+    return (torch.arange(count, device=device) * 2 + 1) * total // (2 * count)
 
 
 def image_features(model, config, pixel_values, image_grid_thw=None, **kwargs) -> Qwen2_5_VLCompressedOutput:
     """Compressed ``get_image_features``: pixel_values (sum of t*h*w patches, C*T*P*P), image_grid_thw
     (num_images, 3) -> ``Qwen2_5_VLCompressedOutput``. All images go through the tower in one pass; the
-    selection is per image."""
+    method compresses each image's merged tokens on their own (``Qwen2_5_VLUnits``)."""
     if image_grid_thw is None:
         raise ValueError("Qwen2.5-VL needs image_grid_thw (t, h, w) per image")
-    settings = _settings(config)
-    counts = merged_counts(model, image_grid_thw)
-    check_budget(settings, counts)
+    settings = vision_settings(config)
+    check_images(model, settings, image_grid_thw)
     visual = model.model.visual
     attn = visual.blocks[-1].attn
     captured: dict = {}
@@ -175,24 +285,25 @@ def image_features(model, config, pixel_values, image_grid_thw=None, **kwargs) -
         encoded = visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw)
     finally:
         handle.remove()
-    unit = merge_unit(model)
     with torch.no_grad():
         q, k = block_queries_keys(attn, captured["hidden"], captured["position_embeddings"])
-        scores, keys = unit_scores_and_keys(q, k, captured["cu_seqlens"], attn.scaling, unit)
         window_index, _ = get_vision_window_index(
             image_grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
         )
-        raster = torch.argsort(window_index.to(scores.device))
-        scores, keys = scores[raster], keys[raster]
-    tokens, kept, start = [], [], 0
-    for count in counts:
-        part = slice(start, start + count)
-        start += count
-        image_tokens, keep = select_and_merge(
-            encoded.pooler_output[part], scores[part], keys[part], settings.dominant, settings.contextual
-        )
-        tokens.append(image_tokens)
-        kept.append(keep)
+    views = Qwen2_5_VLUnits.from_pass(
+        visual, image_grid_thw, encoded.pooler_output, q, k, captured["cu_seqlens"], window_index
+    )
+    tokens, kept, last = [], [], len(visual.blocks) - 1
+    for view in views:
+        compressed = settings.compress(view, EncoderCapture(view.features[None], None, last))
+        places = compressed.keep_indices[0]
+        if compressed.num_merged:
+            merged = compressed.merged_indices
+            merged = spread_positions(compressed.num_merged, view.num_tokens, places.device) if merged is None else merged[0]
+            places = torch.cat([places, merged.to(places.device)])
+        order = torch.sort(places, stable=True)
+        tokens.append(compressed.tokens[0][order.indices])
+        kept.append(order.values)
     return Qwen2_5_VLCompressedOutput(
         last_hidden_state=encoded.last_hidden_state, pooler_output=tuple(tokens), keep_indices=tuple(kept),
         image_grid_thw=torch.as_tensor(image_grid_thw), image_tokens=tuple(tokens),
@@ -200,9 +311,7 @@ def image_features(model, config, pixel_values, image_grid_thw=None, **kwargs) -
 
 
 def placeholder_counts(model, settings, image_inputs) -> list[int]:
-    counts = merged_counts(model, image_inputs["image_grid_thw"])
-    check_budget(settings, counts)
-    return [settings.dominant + settings.contextual] * len(counts)
+    return check_images(model, settings, image_inputs["image_grid_thw"])
 
 
 def expected_count(model, settings, kwargs) -> int:

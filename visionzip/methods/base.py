@@ -62,12 +62,16 @@ class CompressedTokens:
         tokens after them are merged (VisionZip's contextual tokens, PruMerge's extra token).
     has_cls: whether position 0 of the encoder sequence is a CLS token (patch p sits at p + has_cls).
     cls_kept: whether the CLS token is among the kept tokens (VisionZip keeps it, VisPruner does not).
+    merged_indices: (B, num_merged) an encoder position standing for each merged token (VisionZip: its
+        contextual target's), or None where a merged token has no single position (pooling). Models that
+        give each visual token its own position (Qwen2.5-VL's M-RoPE) place merged tokens there.
     """
 
     tokens: torch.Tensor
     keep_indices: torch.Tensor
     has_cls: bool
     cls_kept: bool
+    merged_indices: torch.Tensor | None = None
 
     @property
     def num_kept(self) -> int:

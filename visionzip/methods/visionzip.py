@@ -77,19 +77,21 @@ def layer_queries_keys(adapter: VisionEncoderAdapter, capture: EncoderCapture, s
 
 
 def scores_from_qk(
-    q: torch.Tensor, k: torch.Tensor, scale: float, score: str, has_cls: bool, head_reduce: str = "sum"
+    q: torch.Tensor, k: torch.Tensor, scale: float, score: str, has_cls: bool, head_reduce: str = "sum",
+    received=received_attention,
 ) -> torch.Tensor:
     """Importance of every non-CLS token: (B, P) float32.
 
     score "cls": q is the CLS row (B, H, 1, d); its attention over patch keys, reduced over heads with
     ``head_reduce`` ("sum" for VisionZip, "mean" for VisPruner). "received": q (B, H, N, d); mean
-    attention each token receives (mean over heads and queries).
+    attention each token receives (mean over heads and queries), by ``received`` (the adapter's
+    ``received_attention``: adapters whose tokens group several patches score them their tower's way).
     """
     offset = int(has_cls)
     if score == "cls":
         attn = cls_attention(q, k, scale)[:, :, offset:]
         return attn.sum(dim=1) if head_reduce == "sum" else attn.mean(dim=1)
-    return received_attention(q, k, scale)[:, offset:]
+    return received(q, k, scale)[:, offset:]
 
 
 def patch_scores(
@@ -98,7 +100,7 @@ def patch_scores(
     """(B, P) importance of the non-CLS tokens of a captured layer (see ``scores_from_qk``)."""
     score = resolve_score(score, adapter.has_cls, type(adapter.model).__name__)
     q, k, scale = layer_queries_keys(adapter, capture, score)
-    return scores_from_qk(q, k, scale, score, adapter.has_cls, head_reduce)
+    return scores_from_qk(q, k, scale, score, adapter.has_cls, head_reduce, adapter.received_attention)
 
 
 def select_dominant(scores: torch.Tensor, dominant: int, has_cls: bool) -> torch.Tensor:
@@ -181,7 +183,7 @@ def visionzip_compress(
     num_tokens = hidden.shape[1]
     score = resolve_score(score, adapter.has_cls, type(adapter.model).__name__)
     q, k, scale = layer_queries_keys(adapter, capture, score)
-    scores = scores_from_qk(q, k, scale, score, adapter.has_cls, head_reduce="sum")
+    scores = scores_from_qk(q, k, scale, score, adapter.has_cls, "sum", adapter.received_attention)
     keep = select_dominant(scores, dominant, adapter.has_cls)
     remaining = complement_indices(keep, num_tokens)
     metric = key_metric(k)
@@ -267,7 +269,9 @@ class VisionZip(MethodSettings):
 
     def compress(self, adapter: VisionEncoderAdapter, capture: EncoderCapture) -> CompressedTokens:
         out = visionzip_compress(adapter, capture, self.dominant, self.contextual)
-        return CompressedTokens(out.tokens, out.keep_indices, adapter.has_cls, cls_kept=adapter.has_cls)
+        return CompressedTokens(
+            out.tokens, out.keep_indices, adapter.has_cls, cls_kept=adapter.has_cls, merged_indices=out.contextual_indices
+        )
 
     def reference_tokens(self, vision_model, pixel_values, select_layer: int = -2):
         from ..reference import official_visionzip

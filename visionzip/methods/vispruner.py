@@ -68,7 +68,7 @@ def vispruner_compress(
 ) -> VisPrunerOutput:
     score = resolve_score("auto", adapter.has_cls, type(adapter.model).__name__)
     q, k, scale = layer_queries_keys(adapter, capture, score)
-    scores = scores_from_qk(q, k, scale, score, adapter.has_cls, head_reduce="mean")
+    scores = scores_from_qk(q, k, scale, score, adapter.has_cls, "mean", adapter.received_attention)
     patches = capture.hidden[:, int(adapter.has_cls) :]
     keep = vispruner_keep_indices(scores, patches, num_tokens, important_ratio).sort(dim=1).values
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, keep, True)
