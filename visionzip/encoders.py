@@ -27,11 +27,6 @@ from .scoring import received_attention
 MAX_NORMALISED_PIXEL = 10.0
 
 
-class _StopEncoder(Exception):
-    """Raised by a capture hook to skip the layers after the one needed (adapters that still capture with
-    hooks, e.g. ``visionzip.hf.internvl``; this module's ``run`` loops over the layers instead)."""
-
-
 @dataclass
 class EncoderCapture:
     """What one encoder pass hands to the compression methods.
