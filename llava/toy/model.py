@@ -42,7 +42,7 @@ class ToySettings:
 
     seed: int = 0
     train_images: int = 1600
-    eval_images: int = 120
+    eval_images: int = 240
     epochs: int = 4
     batch_size: int = 8
     learning_rate: float = 3e-3
