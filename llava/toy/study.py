@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tune-steps", type=int, default=100, help="VisionZip‡ projector-tuning steps (0 skips)")
     parser.add_argument("--reanswer", action="store_true", help="regenerate answers kept from earlier runs")
     parser.add_argument("--questions", type=int, default=None,
-                        help="held-out questions (default: the toy settings', 120); the model is the same")
+                        help="held-out questions (default: the toy settings', 240); the model is the same")
     args = parser.parse_args(argv)
     for name in ("repeats", "batch_size", "questions"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
