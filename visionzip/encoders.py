@@ -52,6 +52,8 @@ class VisionEncoderAdapter:
     pre_norm: str | None = None
     # the layer's norm in front of its self-attention: its output is the attention input
     attention_norm: str = "layer_norm1"
+    # the layer's self-attention module (its input is the attention input ``_run_complete`` captures)
+    attention_module: str = "self_attn"
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -193,7 +195,8 @@ class VisionEncoderAdapter:
 
         handles = [layer.register_forward_hook(grab_output)]
         if capture_attn_input:
-            handles.append(layer.self_attn.register_forward_pre_hook(grab_attn_input, with_kwargs=True))
+            attention = getattr(layer, self.attention_module)
+            handles.append(attention.register_forward_pre_hook(grab_attn_input, with_kwargs=True))
         try:
             self.model(pixel_values)
         finally:

@@ -112,6 +112,7 @@ class InternViTUnits(VisionEncoderAdapter):
     # the base class's pieces: ``embed`` is InternViT's embeddings (CLS prepended, no pre-layer norm), the
     # attention input is the layer's ``layernorm_before`` output
     attention_norm = "layernorm_before"
+    attention_module = "attention"
 
     def run(
         self, pixel_values: torch.Tensor, select_layer: int = -1, capture_attn_input: bool = True, early_exit: bool = True
@@ -134,33 +135,12 @@ class InternViTUnits(VisionEncoderAdapter):
             attn_input = self.attention_input(index, hidden) if capture_attn_input else None
             hidden = self.layers[index](hidden)
         else:
-            hidden, attn_input = self._run_complete_forward(pixel_values, index, capture_attn_input)
+            complete = self._run_complete(pixel_values, index, capture_attn_input)
+            hidden, attn_input = complete.hidden, complete.attn_input
         if index == self.num_layers - 1:
             hidden = self.model.layernorm(hidden)  # HF reads last_hidden_state for the last layer
         patches = hidden[:, int(self.tower_has_cls) :]
         return EncoderCapture(self.shuffle(patches), attn_input, index)
-
-    def _run_complete_forward(self, pixel_values: torch.Tensor, index: int, capture_attn_input: bool):
-        """(layer ``index``'s output, its attention input or None) from InternViT's own complete forward
-        (for DeepSpeed ZeRO-3, whose parameter hooks expect one), captured with hooks."""
-        layer = self.layers[index]
-        captured: dict[str, torch.Tensor] = {}
-
-        def grab_attn_input(module, args, kwargs):
-            captured["attn_input"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-        def grab_output(module, args, output):
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output
-
-        handles = [layer.register_forward_hook(grab_output)]
-        if capture_attn_input:
-            handles.append(layer.attention.register_forward_pre_hook(grab_attn_input, with_kwargs=True))
-        try:
-            self.model(pixel_values)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return captured["hidden"], captured.get("attn_input")
 
     def queries_keys(
         self, layer_index: int, attn_input: torch.Tensor, query_rows: slice | None = None
