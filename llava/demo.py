@@ -3,7 +3,7 @@
     bash scripts/demo.sh [--questions N --tune-steps K ...]      # = python -m llava.demo = python -m llava.toy
 
 A tiny LLaVA-1.5 in ViT-L/14-336's token geometry (576 patches + CLS) is trained once, on this CPU,
-through the real training entry point on a procedural visual task (how many shapes, which colour, on
+through the real training entry point on a procedural visual task (how many shapes, which colour, which half, on
 cluttered backgrounds; docs/toy_task.md), then: held-out accuracy against visual tokens for vanilla and
 every registered method (table and plot), VisionZip‡ (projector-only tuning at 64 tokens), the tokens
 VisionZip and VisPruner keep on one image, and answering times (medians after a warm-up, with the range).

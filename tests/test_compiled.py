@@ -1,6 +1,6 @@
 """The compiled inference path (llava.model.compiled) against eager generation on the tiny LLaVA-1.5 and
-LLaVA-NeXT checkpoints: same greedy tokens for a left-padded batch of 2 under vanilla, VisionZip and
-VisPruner, prefill logits within tolerance, multi-turn chat, the entry points end to end (run_llava; the
+LLaVA-NeXT checkpoints: same greedy tokens for a left-padded batch of 2 under vanilla and every
+vision-side method (image path captured, random excepted), prefill logits within tolerance, multi-turn chat, the entry points end to end (run_llava; the
 eval engine with a batch of 2), and the refusals of every in-LLM method.
 
 Compilation here uses ``backend="aot_eager"``: the same dynamo trace (fullgraph, static shapes, the
@@ -423,3 +423,38 @@ def test_many_prefill_shapes_never_reach_dynamos_recompile_limit(models):
             torch.testing.assert_close(logits, eager_prefill, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(decoded, eager_decode, rtol=1e-4, atol=1e-4)
     assert runner.captured_llm_graphs == 11 and len(graphs) == 11
+
+
+# every vision-side method's image path dynamo can capture, except random (a torch.Generator per view)
+UNCAPTURED_IMAGE_PATHS = {"random"}
+
+
+def vision_side_methods() -> list[str]:
+    from visionzip import CompressionConfig, registered_methods
+
+    return [m for m in registered_methods() if CompressionConfig.parse(f"{m}:64").settings.stage != "llm"]
+
+
+@pytest.mark.parametrize("version", ["v1.5", "v1.6"])
+def test_every_vision_side_method_compiled_end_to_end_equals_eager(models, version):
+    # the whole runner (image path captured per method, splice, compiled prefill and decode) on a left-padded
+    # batch of 2 with images of different sizes: eager's greedy tokens for every registered method that acts
+    # before the LLM (the in-LLM ones are refused by name: test_registered_in_llm_methods_are_refused)
+    entry = models[version]
+    runner = CompiledLlava(entry.model, backend=BACKEND)
+    input_ids, mask, pixels, sizes = left_padded_batch(entry)
+    common = dict(attention_mask=mask, images=pixels, image_sizes=sizes, max_new_tokens=NEW_TOKENS,
+                  min_new_tokens=NEW_TOKENS, pad_token_id=0)
+    methods = vision_side_methods()
+    assert {"visionzip", "vispruner", "tome", "prumerge", "prumerge+", "pooling", "random"} <= set(methods)
+    try:
+        for method in methods:
+            entry.model.set_visual_compression(f"{method}:64")
+            with torch.no_grad():
+                eager = entry.model.generate(input_ids, do_sample=False, **common)
+            assert torch.equal(runner.generate(input_ids, **common), eager), method
+    finally:
+        entry.model.set_visual_compression(None)
+    uncaptured = {spec.split(":")[0] for spec in runner.eager_image_paths}
+    assert uncaptured == UNCAPTURED_IMAGE_PATHS
+    assert runner.captured_image_paths >= len(methods) - len(UNCAPTURED_IMAGE_PATHS)

@@ -250,7 +250,8 @@ def test_generate_from_images_batched_equals_one_by_one(version, models, spliced
         ("pdrop:layers=1,ratios=1.5", "ratios must be in [0, 1]"),
         ("pdrop:1000", "1000 visual tokens exceed the 576"),
         ("sparsevlm:100", "tables for [64, 96, 128, 192] visual tokens only, got 100"),
-        ("sparsevlm:64", "sparse layer 6 is outside [0, 2]"),
+        ("sparsevlm:layers=2/6/15,counts=66/30/17", "sparse layer 6 is outside [0, 2]"),
+        ("sparsevlm:counts=66/30", "without layers (the paper's [2, 6, 15], scaled to shallow LLMs) give 3 counts"),
         ("sparsevlm:layers=1/2,counts=66", "2 layers [1, 2] but 1 counts"),
     ],
 )
@@ -278,6 +279,13 @@ def test_pdrop_budget_needs_four_layers_and_fastv_schedule():
     schedule = SparseVLM.from_budget(64).llm_token_schedule(32, 576)
     assert schedule[:3] == [576] * 3 and schedule[3] == 66 + 16 and schedule[7] == 30 + 2 and schedule[-1] == 17 + 1
     assert SparseVLM.from_budget(64).tokens_per_view() == 18
+    # a budget's sparse layers: the official 2 / 6 / 15 wherever they fit (7B's 32 layers, 13B's 40),
+    # the same fractions of the depth on a shallower LLM
+    for depth, layers in ((32, (2, 6, 15)), (40, (2, 6, 15)), (17, (2, 6, 15)), (16, (1, 3, 8)), (4, (0, 1, 2))):
+        assert SparseVLM.from_budget(64).llm_pruner(depth).sparse_layers == layers, depth
+    assert SparseVLM.from_budget(64).llm_token_schedule(4, 576) == [576, 66 + 16, 30 + 2, 17 + 1]
+    with pytest.raises(ValueError, match="scaled to the depth, need an LLM of >= 4 layers .*got 3"):
+        SparseVLM.from_budget(64).check_llm(3)
 
 
 def test_sparsevlm_without_text_after_the_image_raises(models):

@@ -18,7 +18,14 @@ from visionzip.methods.prumerge import (
     official_prumerge_forward,
 )
 from visionzip.methods.random_tokens import RandomTokens, reference_random
-from visionzip.methods.tome import ToMe, check_tome_budget, official_tome, tome_schedule
+from visionzip.methods.tome import (
+    ToMe,
+    check_tome_budget,
+    official_tome,
+    schedule_violation,
+    smallest_budget,
+    tome_schedule,
+)
 
 HIDDEN = 64
 PATCHES = 576
@@ -103,6 +110,24 @@ def test_tome_schedule_reaches_the_budget_exactly():
         schedule = tome_schedule(PATCHES, tokens, 23)
         assert len(schedule) == 23 and sum(schedule) == PATCHES - tokens
         assert max(schedule) - min(schedule) <= 1 and schedule == sorted(schedule, reverse=True)
+    # a shallow tower: the even share (102 of 576 -> 64 over 5 layers) would merge more than half of the
+    # last layer's input, so that layer halves its tokens and the earlier ones take the surplus evenly
+    for tokens, expected in ((64, [112, 112, 112, 112, 64]), (32, [160, 160, 128, 64, 32])):
+        schedule = tome_schedule(PATCHES, tokens, 5)
+        assert schedule == expected and schedule_violation(schedule, PATCHES) is None
+    assert smallest_budget(PATCHES, 5) == 18 and schedule_violation(tome_schedule(PATCHES, 17, 5), PATCHES)[0] == 0
+
+
+def test_tome_capped_schedule_matches_official_reenactment(clip, pixels):
+    """At a shallow select layer (4: four merging layers) 64 tokens need the capped schedule; the official
+    block, given the same per-layer r, merges the same tokens."""
+    adapter = encoder_adapter(clip)
+    schedule = check_tome_budget(adapter, 64, 4)
+    assert schedule[-1] == 64 and sum(schedule) == PATCHES - 64
+    reference = official_tome(clip, pixels[:2], schedule, select_layer=4)
+    out = ToMe(tokens=64).encode(adapter, pixels[:2], select_layer=4)
+    assert out.tokens.shape == (2, 64, HIDDEN)
+    torch.testing.assert_close(out.tokens, reference[:, 1:], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("tokens", [64, 128, 192])
@@ -143,8 +168,10 @@ def test_tome_without_proportional_attention_differs(clip, pixels):
 
 def test_tome_bad_budgets(clip):
     adapter = encoder_adapter(clip)
-    with pytest.raises(ValueError, match=r"tokens = 20 .*half.*smallest budget .* is 24"):
-        ToMe(tokens=20).check(adapter, -2)
+    # 2 merging layers (select_layer 2: the output of the second layer) can at most quarter the 576 patches
+    with pytest.raises(ValueError, match=r"tokens = 100 .*half.*smallest budget .* at select_layer 2 is 144"):
+        ToMe(tokens=100).check(adapter, 2)
+    ToMe(tokens=144).check(adapter, 2)
     with pytest.raises(ValueError, match=r"tokens = 577 exceeds the 576"):
         visionzip.compress(clip, torch.zeros(1, 3, 336, 336), CompressionConfig.parse("tome:577"))
     with pytest.raises(ValueError, match=r"tokens must be >= 1, got 0"):

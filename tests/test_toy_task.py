@@ -15,13 +15,14 @@ import pytest
 from llava.toy import QUESTION_TYPES, ToySettings, majority_baseline, make_scene, prepare_toy
 from llava.toy.evaluate import ToyEvaluator
 from llava.toy.model import tune_projector
-from llava.toy.study import accuracy_rows, markdown_table
+from llava.toy.study import accuracy_rows, by_type_table, markdown_table
 from llava.toy.task import COLOURS, scene_questions, write_eval_set, write_train_set
 from visionzip import registered_methods
 
-# 320 steps: measured on seeds 0-2, held-out accuracy 70-88 % (colour 95-100 %, count 45-75 %) against a
-# majority answer of 30-43 %; 160 steps were not enough on every seed
-SMALL = ToySettings(image_size=112, train_images=320, eval_images=40, epochs=8, vision_layers=3)
+# 480 steps: measured on seeds 0-2, held-out accuracy 63-85 % (colour 80-95 %, count 45-60 %, position
+# 65-100 %) against a majority answer of 42-45 %; 320 steps gave 62-80 % with colour down to 75 % on
+# another split, and a small model's learning varies from seed to seed, so the bounds keep a margin
+SMALL = ToySettings(image_size=112, train_images=480, eval_images=60, epochs=8, vision_layers=3)
 
 
 def file_digest(path) -> str:
@@ -47,7 +48,7 @@ def test_task_is_deterministic_and_in_llava_formats(tmp_path):
     questions = [json.loads(line) for line in open(question_file)]
     annotations = json.load(open(annotation_file))
     assert [q["question_id"] for q in questions] == list(annotations)
-    assert [q["category"] for q in questions] == list(QUESTION_TYPES) * 3
+    assert [q["category"] for q in questions] == list(QUESTION_TYPES) * (6 // len(QUESTION_TYPES))
     for q in questions:
         assert set(q) == {"question_id", "image", "text", "category"}
         assert annotations[q["question_id"]]["types"]["structural"] == q["category"]
@@ -64,6 +65,11 @@ def test_answers_match_the_drawn_scene():
             assert set(answers) == set(QUESTION_TYPES)
             assert answers["count"] == str(len(scene.objects))
             assert answers["colour"] == scene.objects[0].colour
+            # every shape lies wholly in the half the position answer names
+            middle = side // 2
+            assert answers["position"] in ("top", "bottom")
+            assert all(o.box[3] <= middle if answers["position"] == "top" else o.box[1] >= middle
+                       for o in scene.objects)
             for obj in scene.objects:  # each shape's centre pixel has the answer's colour
                 x0, y0, x1, y1 = obj.box
                 assert image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2)) == COLOURS[answers["colour"]]
@@ -116,8 +122,8 @@ def test_small_toy_model_learns_the_task_through_the_entry_point_and_is_cached(s
     assert small_toy.train_losses[-1] < small_toy.train_losses[0] / 4
     majority = majority_baseline(str(small_toy.annotation_file))
     vanilla = evaluator.evaluate("none")
-    assert vanilla.accuracy >= majority + 20, (vanilla, majority)
-    assert vanilla.by_type["colour"] >= 80, vanilla.by_type  # six colours: chance is 17 %
+    assert vanilla.accuracy >= majority + 15, (vanilla, majority)  # chance (1/3, 1/6, 1/2 averaged): 33 %
+    assert vanilla.by_type["colour"] >= 70, vanilla.by_type  # six colours: chance is 17 %
     again = prepare_toy(SMALL, small_toy.folder.parent, printer=lambda *a, **k: None)
     assert again.cached and again.model_path == small_toy.model_path and again.train_losses == small_toy.train_losses
 
@@ -139,6 +145,12 @@ def test_accuracy_table_has_a_row_for_every_registered_method(evaluator):
     rows = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["vanilla", *methods]
     assert all(f"n/a ({method}): {reasons[method]}" in markdown for method in methods)
+    per_type = by_type_table(vanilla, table, tokens=16).splitlines()
+    types = [c.strip() for c in per_type[0].split("|")[2:-1]]
+    assert sorted(types) == sorted(QUESTION_TYPES)
+    assert [r.split("|")[1].strip() for r in per_type[2:]] == ["vanilla", *methods]
+    visionzip_row = per_type[3 + methods.index("visionzip")].split("|")[2:-1]
+    assert [float(c) for c in visionzip_row] == [round(table["visionzip"][16].by_type[t], 1) for t in types]
 
 
 def test_projector_tuning_refuses_no_compression(small_toy):

@@ -141,7 +141,9 @@ def save_token_map(image: Image.Image, rows: list[DemoRow], patches_per_side: in
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    temporary = path.with_name(f".{path.name}.partial")  # a complete picture or none under that name
+    fig.savefig(temporary, dpi=80, format="png")
+    os.replace(temporary, path)
     plt.close(fig)
     return path
 

@@ -29,10 +29,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava.utils_io import atomic_write_text
+
 from .task import TASK_CORPUS, check_image_size, write_eval_set, write_train_set
 
 # Bump when the task or the recipe changes in a way the settings do not show: old caches are then unused.
-TOY_FORMAT = 3
+TOY_FORMAT = 4
 DONE = "toy_complete.json"
 
 
@@ -170,7 +172,7 @@ def _copy_tower(base: Path, checkpoint: Path) -> None:
     config = json.loads(config_file.read_text())
     if config.get("mm_vision_tower") != TOWER_DIR:
         config["mm_vision_tower"] = TOWER_DIR
-        config_file.write_text(json.dumps(config, indent=2))
+        atomic_write_text(config_file, json.dumps(config, indent=2))
 
 
 def prepare_toy(settings: ToySettings | None = None, cache_root: Path | str | None = None,
@@ -216,8 +218,8 @@ def prepare_toy(settings: ToySettings | None = None, cache_root: Path | str | No
     seconds = time.perf_counter() - start
     _copy_tower(base, checkpoint)
     model_settings = {k: v for k, v in dataclasses.asdict(settings).items() if k != "eval_images"}
-    done.write_text(json.dumps({"settings": model_settings, "train_seconds": seconds,
-                                "losses": result.losses, "steps": result.global_step}, indent=1))
+    atomic_write_text(done, json.dumps({"settings": model_settings, "train_seconds": seconds,
+                                        "losses": result.losses, "steps": result.global_step}, indent=1))
     return ToyModel(folder, checkpoint, *eval_paths, seconds, result.losses, settings, cached=False)
 
 
@@ -262,6 +264,6 @@ def tune_projector(toy: ToyModel, spec: str = "visionzip:64", steps: int = 32, l
     start = time.perf_counter()
     result, _summary = run_training(argv, "projector tuning", every=max(1, steps // 4))
     seconds = time.perf_counter() - start
-    done.write_text(json.dumps({"spec": config.spec(), "steps": steps, "train_seconds": seconds,
-                                "losses": result.losses}, indent=1))
+    atomic_write_text(done, json.dumps({"spec": config.spec(), "steps": steps, "train_seconds": seconds,
+                                        "losses": result.losses}, indent=1))
     return ProjectorTuning(run_dir, config.spec(), steps, seconds, result.losses, False)

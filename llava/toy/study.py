@@ -5,7 +5,8 @@ against visual tokens per method.
 
 1. The toy model (``llava.toy``, docs/toy_task.md): a tiny LLaVA-1.5 in the real ViT-L/14-336 token
    geometry (576 patches + CLS; a narrow, shallow tower) trained on a procedural visual task (shapes on
-   cluttered backgrounds; "How many shapes are there?", "What colour is the shape?") through the real
+   cluttered backgrounds; "How many shapes are there?", "What colour is the shape?", "Is the shape in the
+   top or the bottom half?") through the real
    training entry point; trained once, then reused from ``.cache/toy/``.
 2. Accuracy against visual tokens: held-out questions answered by the eval engine
    (``llava.eval.generate``) and scored by exact match (``llava.eval.scoring.score_gqa``), vanilla (576)
@@ -17,8 +18,9 @@ against visual tokens per method.
 5. Answering time per question at 64 tokens: medians over interleaved repeats after a warm-up, with
    the range.
 
-Answers are kept under ``<output-dir>/answers/<toy model>/`` and reused by later runs (``--reanswer``
-regenerates them, e.g. after changing a method).
+Answers are kept under ``<output-dir>/answers/<toy model>-<held-out set>-code<hash>/`` and reused by later
+runs of the same code (the hash covers the methods, the model and the eval engine: changed code answers
+afresh); ``--reanswer`` regenerates them anyway.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from llava.utils_io import atomic_write, atomic_write_text
 
 BUDGETS = (192, 128, 64, 32, 16)
 TIMING_TOKENS = 64
@@ -54,6 +58,21 @@ def loss_span(losses: list) -> str:
     part = max(1, len(losses) // 10)
     first, last = sum(losses[:part]) / part, sum(losses[-part:]) / part
     return f"{first:.3f} -> {last:.3f} (means of the first and last {part} steps)"
+
+
+def answering_code_key() -> str:
+    """A hash of the source that decides an answer (the methods, the model, the eval engine, the toy
+    evaluator): answers kept from a run of other code are never reused, so a changed method is re-answered
+    (the answer files' settings check cannot see code)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    for folder in ("visionzip", "llava/model", "llava/eval"):
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    digest.update((root / "llava/toy/evaluate.py").read_bytes())
+    return digest.hexdigest()[:8]
 
 
 # ------------------------------------------------------------------------------------------- accuracy
@@ -99,6 +118,20 @@ def markdown_table(vanilla, table: dict, reasons: dict, majority: float, num_que
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
+def by_type_table(vanilla, table: dict, tokens: int = TIMING_TOKENS, extra: list[tuple[str, object]] = ()) -> str:
+    """Accuracy (%) per question type at ``tokens`` visual tokens (vanilla at all of them): which kind of
+    question a method's compression costs. ``extra``: (name, ToyScore) rows, e.g. VisionZip‡."""
+    types = list(vanilla.by_type)
+    lines = [f"| method ({tokens} tokens; vanilla {vanilla.visual_tokens}) | " + " | ".join(types) + " |",
+             "|---" * (len(types) + 1) + "|",
+             "| vanilla | " + " | ".join(f"{vanilla.by_type[t]:.1f}" for t in types) + " |"]
+    rows = [(method, row.get(tokens)) for method, row in table.items()] + list(extra)
+    for name, score in rows:
+        cells = ["n/a" if score is None else f"{score.by_type.get(t, float('nan')):.1f}" for t in types]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_accuracy(vanilla, table: dict, majority: float, path: Path, budgets=BUDGETS, dagger=None) -> Path:
     import matplotlib
 
@@ -128,7 +161,8 @@ def plot_accuracy(vanilla, table: dict, majority: float, path: Path, budgets=BUD
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not over them
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as temporary:  # a complete plot or none under that name
+        fig.savefig(temporary, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -189,7 +223,7 @@ def main(argv=None) -> int:
     how = "reused from an earlier run" if toy.cached else "trained now"
     say(f"model {toy.model_path} ({how}; training took {toy.train_seconds:.0f} s): {s.train_images} scenes x "
         f"{s.epochs} epoch(s), batch {s.batch_size}, loss {loss_span(toy.train_losses)}")
-    answers_dir = output / "answers" / f"{toy.folder.name}-{toy.question_file.parent.name}"
+    answers_dir = output / "answers" / f"{toy.folder.name}-{toy.question_file.parent.name}-code{answering_code_key()}"
     if args.reanswer and answers_dir.exists():
         shutil.rmtree(answers_dir)
     reused = len(list(answers_dir.glob("*.jsonl"))) if answers_dir.exists() else 0
@@ -206,7 +240,7 @@ def main(argv=None) -> int:
     vanilla, table, reasons = accuracy_rows(evaluator, methods)
 
     dagger_accuracy = None
-    extra_rows = []
+    extra_rows, extra_scores = [], []
     if args.tune_steps:
         say(f"\n== 3. VisionZip‡: projector-only tuning with VisionZip {TIMING_TOKENS} in the forward ==")
         tuning = tune_projector(toy, f"visionzip:{TIMING_TOKENS}", steps=args.tune_steps, printer=say)
@@ -220,10 +254,12 @@ def main(argv=None) -> int:
             f"{loss_span(tuning.losses)}; accuracy at {TIMING_TOKENS} tokens: VisionZip "
             f"{before.accuracy if before else float('nan'):.1f} % -> VisionZip‡ {score.accuracy:.1f} % ({gain})")
         extra_rows.append(("visionzip‡ (projector tuned at 64)", {TIMING_TOKENS: f"{score.accuracy:.1f}"}))
+        extra_scores.append(("visionzip‡", score))
         del tuned
 
     markdown = markdown_table(vanilla, table, reasons, majority, len(evaluator.items), extra_rows=extra_rows)
-    (output / "accuracy_vs_tokens.md").write_text(markdown)
+    markdown += "\nPer question type:\n\n" + by_type_table(vanilla, table, extra=extra_scores)
+    atomic_write_text(output / "accuracy_vs_tokens.md", markdown)
     plot = plot_accuracy(vanilla, table, majority, output / "accuracy_vs_tokens.png", dagger=dagger_accuracy)
     say("\n" + markdown)
     say(f"table: {output / 'accuracy_vs_tokens.md'}; plot: {plot}")

@@ -2,18 +2,19 @@
 
 Each scene is a 336 x 336 image (the ViT-L/14-336 input, so no padding or resizing changes it): a cluttered
 grey background (noise, grey rectangles, lines and rings) with 1 to 3 solid shapes (squares and circles)
-of ONE saturated colour, each ``SHAPE_SIZE`` = 96 px wide (about 7 x 7 of the 24 x 24 patches), so that
+of ONE saturated colour, all in the top or all in the bottom half of the image, each ``SHAPE_SIZE`` = 96 px wide (about 7 x 7 of the 24 x 24 patches), so that
 one object covers about 40 to 55 of the 576 patches and a visual-token budget of 64 or fewer keeps a few
 of its tokens, or none, and can misjudge its area. One size for every shape keeps the coloured area of 1, 2 and 3 shapes apart (a
 circle is 0.79 of a square: 1 shape covers 0.79-1 units, 2 cover 1.57-2, 3 cover 2.36-3).
 
-Question types (``QUESTION_TYPES``), both asked about every scene, each with an exact one-word answer:
+Question types (``QUESTION_TYPES``), all asked about every scene, each with an exact one-word answer:
 
-- ``count``:  "How many shapes are there?" -> "1" / "2" / "3"
-- ``colour``: "What colour is the shape?" / "What colour are the shapes?" -> one of the six colour names
+- ``count``:    "How many shapes are there?" -> "1" / "2" / "3"
+- ``colour``:   "What colour is the shape?" / "What colour are the shapes?" -> one of the six colour names
+- ``position``: "Is the shape in the top or the bottom half?" / "Are the shapes ...?" -> "top" / "bottom"
 
-Both are answered by reading the image as a whole (how much coloured area, which colour), which a tiny
-language model learns in a few hundred steps; questions that ask about one object among several ("is
+Each is answered by reading the image as a whole (how much coloured area, which colour, where it is),
+which a tiny language model learns in a few hundred steps; questions that ask about one object among several ("is
 there a red shape?" with shapes of several colours) need a two-step lookup that it did not learn in that
 budget (docs/toy_task.md).
 
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from llava.utils_io import atomic_write_text
+
 IMAGE_SIZE = 336
 COLOURS = {
     "red": (220, 30, 30),
@@ -45,7 +48,8 @@ COLOURS = {
     "orange": (245, 130, 20),
 }
 SHAPES = ("square", "circle")
-QUESTION_TYPES = ("count", "colour")
+QUESTION_TYPES = ("count", "colour", "position")
+HALVES = ("top", "bottom")
 MAX_OBJECTS = 3
 SHAPE_SIZE = 96
 # LLaVA-1.5's prompt suffix for short-answer VQA (its training mix and GQA/VQAv2 evaluation use it).
@@ -64,6 +68,7 @@ class Scene:
     seed: int
     objects: tuple[SceneObject, ...]
     image_size: int = IMAGE_SIZE
+    half: str = "top"  # every shape lies in this half of the image (HALVES)
 
     def image(self) -> Image.Image:
         return draw_scene(self)
@@ -88,12 +93,16 @@ def check_image_size(image_size: int) -> None:
 
 
 def make_scene(seed: int, image_size: int = IMAGE_SIZE) -> Scene:
-    """A random scene: 1 to 3 non-overlapping shapes of one colour."""
+    """A random scene: 1 to 3 non-overlapping shapes of one colour, all in the top or all in the bottom
+    half of the image (a shape is less than half the image tall, and three fit side by side)."""
     check_image_size(image_size)
     size = shape_size(image_size)
     rng = random.Random(seed)
     count = rng.randint(1, MAX_OBJECTS)
     colour = rng.choice(sorted(COLOURS))
+    half = rng.choice(HALVES)
+    middle = image_size // 2
+    top_rows = (4, middle - size - 4) if half == "top" else (middle + 4, image_size - size - 4)
     objects: list[SceneObject] = []
     attempts = 0
     while len(objects) < count:
@@ -101,12 +110,12 @@ def make_scene(seed: int, image_size: int = IMAGE_SIZE) -> Scene:
         if attempts % 200 == 0:  # the shapes placed so far leave no room: place them all again
             objects = []
         x0 = rng.randint(4, image_size - size - 4)
-        y0 = rng.randint(4, image_size - size - 4)
+        y0 = rng.randint(*top_rows)
         box = (x0, y0, x0 + size, y0 + size)
         if _overlaps(box, [o.box for o in objects], margin=max(2, size // 16)):
             continue
         objects.append(SceneObject(rng.choice(SHAPES), colour, box))
-    return Scene(seed, tuple(objects), image_size)
+    return Scene(seed, tuple(objects), image_size, half)
 
 
 def draw_scene(scene: Scene) -> Image.Image:
@@ -141,12 +150,15 @@ def draw_scene(scene: Scene) -> Image.Image:
 
 
 def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """The scene's questions, in random order: [(type, question, answer)]: how many shapes, and their
-    colour."""
+    """The scene's questions, in random order: [(type, question, answer)]: how many shapes, their colour,
+    and which half of the image they are in."""
     count = len(scene.objects)
     colour = scene.objects[0].colour
     which = "What colour is the shape?" if count == 1 else "What colour are the shapes?"
-    questions = [("count", "How many shapes are there?", str(count)), ("colour", which, colour)]
+    where = ("Is the shape in the top or the bottom half?" if count == 1
+             else "Are the shapes in the top or the bottom half?")
+    questions = [("count", "How many shapes are there?", str(count)), ("colour", which, colour),
+                 ("position", where, scene.half)]
     rng.shuffle(questions)
     return questions
 
@@ -156,6 +168,7 @@ def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, st
 TASK_CORPUS = "\n".join(
     [f"{q}\n{SHORT_ANSWER} {a}" for q in ("How many shapes are there?",) for a in ("1", "2", "3")]
     + [f"What colour {v}? {c}. A {c} square and a {c} circle." for c in COLOURS for v in ("is the shape", "are the shapes")]
+    + [f"{v} in the top or the bottom half? {h}" for v in ("Is the shape", "Are the shapes") for h in HALVES]
 ) * 4 + "\n"
 
 
@@ -188,10 +201,7 @@ def write_train_set(folder: str, num_images: int, seed: int, image_size: int = I
                 {"from": "gpt", "value": answer},
             ]
         records.append({"id": f"toy-train-{i}", "image": name, "conversations": conversations})
-    path = os.path.join(folder, "train.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(records, handle, indent=1)
-    return path
+    return atomic_write_text(os.path.join(folder, "train.json"), json.dumps(records, indent=1))
 
 
 def write_eval_set(folder: str, num_images: int, seed: int, image_size: int = IMAGE_SIZE) -> tuple[str, str]:
@@ -214,13 +224,10 @@ def write_eval_set(folder: str, num_images: int, seed: int, image_size: int = IM
         questions.append({"question_id": qid, "image": name, "text": f"{question}\n{SHORT_ANSWER}",
                           "category": kind})
         annotations[qid] = {"answer": answer, "question": question, "types": {"structural": kind}}
-    question_file = os.path.join(folder, "questions.jsonl")
-    with open(question_file, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(q) + "\n" for q in questions)
-    annotation_file = os.path.join(folder, "annotations.json")
-    with open(annotation_file, "w", encoding="utf-8") as handle:
-        json.dump(annotations, handle, indent=1)
-    return question_file, annotation_file
+    # atomic, the annotations last: their presence marks a complete set (llava.toy.model.prepare_toy)
+    question_file = atomic_write_text(os.path.join(folder, "questions.jsonl"),
+                                      "".join(json.dumps(q) + "\n" for q in questions))
+    return question_file, atomic_write_text(os.path.join(folder, "annotations.json"), json.dumps(annotations, indent=1))
 
 
 def majority_baseline(annotation_file: str) -> float:

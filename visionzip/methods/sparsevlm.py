@@ -36,7 +36,28 @@ VIEW_TOKENS = 576
 # score.py (v1.0): visual tokens left after layers 2 / 6 / 15, per RETAIN_TOKN budget
 SPARSEVLM_BUDGETS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 OFFICIAL_LAYERS = (2, 6, 15)
+OFFICIAL_DEPTH = 32  # LLaVA-1.5-7B's LLM, where the official layers sit
 RECYCLE_SHARE = 0.3
+
+
+def paper_layers(num_layers: int) -> tuple[int, ...]:
+    """The sparse layers of a paper budget on an LLM of ``num_layers`` decoder layers: the official
+    (2, 6, 15) wherever they fit (>= 17 layers: every LLaVA LLM, 7B and 13B alike, as the official code
+    uses them on both); on a shallower LLM the same fractions of a 32-layer depth, ``round(l * L / 32)``
+    (halves up), each at least one past the previous: (0, 1, 2) on 4 layers, (1, 2, 4) on 8."""
+    check_count("num_layers", num_layers)
+    if num_layers >= OFFICIAL_LAYERS[-1] + 2:
+        return OFFICIAL_LAYERS
+    if num_layers < len(OFFICIAL_LAYERS) + 1:
+        raise ValueError(
+            f"sparsevlm: the paper's {len(OFFICIAL_LAYERS)} sparse layers, scaled to the depth, need an LLM of "
+            f">= {len(OFFICIAL_LAYERS) + 1} layers (one must follow the last), got {num_layers}; give layers=..."
+        )
+    layers: list[int] = []
+    for layer in OFFICIAL_LAYERS:
+        scaled = int(layer * num_layers / OFFICIAL_DEPTH + 0.5)
+        layers.append(max(scaled, layers[-1] + 1) if layers else scaled)
+    return tuple(layers)  # 15 / 32 of L rounds to <= L - 2 for every L >= 4
 
 
 def text_raters(embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
@@ -151,7 +172,9 @@ class SparseVLMPruner:
 @dataclass
 class SparseVLM(MethodSettings):
     """SparseVLM v1.0: after LLM layer ``layers[s]`` keep ``counts[s]`` visual tokens per view, rated by
-    the text tokens most relevant to the image; the best-rated pruned ones are recycled into clusters."""
+    the text tokens most relevant to the image; the best-rated pruned ones are recycled into clusters.
+    ``layers`` empty (what a budget gives): the official 2 / 6 / 15, scaled down on an LLM too shallow
+    for them (``paper_layers``)."""
 
     name: ClassVar[str] = "sparsevlm"
     stage: ClassVar[str] = "llm"
@@ -159,7 +182,7 @@ class SparseVLM(MethodSettings):
     reference: ClassVar[str] = "visionzip.methods.sparsevlm.official_sparsevlm"
     needs_attention_input: ClassVar[bool] = False
 
-    layers: tuple = OFFICIAL_LAYERS
+    layers: tuple = ()  # empty: paper_layers(depth)
     counts: tuple = SPARSEVLM_BUDGETS[64]
     recycle: bool = True
     seed: int = 0
@@ -169,7 +192,12 @@ class SparseVLM(MethodSettings):
         self.counts = tuple(check_count("counts", c) for c in self.counts)
         for layer in self.layers:
             check_count("layers", layer, minimum=0)
-        if len(self.layers) != len(self.counts) or not self.layers:
+        if not self.layers and len(self.counts) != len(OFFICIAL_LAYERS):
+            raise ValueError(
+                f"sparsevlm: without layers (the paper's {list(OFFICIAL_LAYERS)}, scaled to shallow LLMs) give "
+                f"{len(OFFICIAL_LAYERS)} counts, got {list(self.counts)}"
+            )
+        if self.layers and len(self.layers) != len(self.counts):
             raise ValueError(
                 f"sparsevlm: {len(self.layers)} layers {list(self.layers)} but {len(self.counts)} counts "
                 f"{list(self.counts)}; give one count per layer"
@@ -178,38 +206,44 @@ class SparseVLM(MethodSettings):
 
     @classmethod
     def from_budget(cls, tokens: int) -> SparseVLM:
-        """The official table (score.py, v1.0): only these budgets exist."""
+        """The official table (score.py, v1.0): only these budgets exist. The layers are the official ones
+        where the LLM has them (resolved against its depth when the model is known: ``paper_layers``)."""
         if tokens not in SPARSEVLM_BUDGETS:
             raise ValueError(
                 f"sparsevlm has per-layer tables for {sorted(SPARSEVLM_BUDGETS)} visual tokens only, got {tokens}; "
                 "give sparsevlm:layers=...,counts=... for others"
             )
-        return cls(layers=OFFICIAL_LAYERS, counts=SPARSEVLM_BUDGETS[tokens])
+        return cls(layers=(), counts=SPARSEVLM_BUDGETS[tokens])
+
+    def resolved_layers(self, num_layers: int) -> tuple[int, ...]:
+        return self.layers or paper_layers(num_layers)
 
     def tokens_per_view(self, num_tokens: int | None = None) -> int:
-        return self.llm_token_schedule(max(self.layers) + 2, num_tokens or VIEW_TOKENS)[-1]
+        # the count left after the last stage does not depend on where the stages sit
+        depth = max(self.layers) + 2 if self.layers else OFFICIAL_DEPTH
+        return self.llm_token_schedule(depth, num_tokens or VIEW_TOKENS)[-1]
 
     def label(self) -> str:
         return f"sparsevlm {'/'.join(str(c) for c in self.counts)}"
 
     def check_llm(self, num_layers: int) -> None:
         check_count("num_layers", num_layers)
-        for layer in self.layers:
+        for layer in self.resolved_layers(num_layers):
             if not 0 <= layer <= num_layers - 2:
                 raise ValueError(
                     f"sparsevlm: sparse layer {layer} is outside [0, {num_layers - 2}] for an LLM of {num_layers} "
                     "decoder layers (visual tokens leave after a sparse layer, so one layer must follow it)"
                 )
-        check_pruner_layers("sparsevlm", tuple(layer + 1 for layer in self.layers), num_layers)
+        check_pruner_layers("sparsevlm", tuple(layer + 1 for layer in self.resolved_layers(num_layers)), num_layers)
 
     def llm_pruner(self, num_layers: int, view_tokens: int | None = VIEW_TOKENS) -> SparseVLMPruner:
         self.check_llm(num_layers)
-        return SparseVLMPruner(self.layers, self.counts, self.recycle, view_tokens, self.seed)
+        return SparseVLMPruner(self.resolved_layers(num_layers), self.counts, self.recycle, view_tokens, self.seed)
 
     def llm_token_schedule(self, num_layers: int, visual_tokens: int, view_tokens: int | None = None) -> list[int]:
         """Visual tokens per layer: the kept ones plus the recycled clusters from each sparse layer on."""
         view = view_tokens or visual_tokens
-        stages = dict(zip(self.layers, self.counts))
+        stages = dict(zip(self.resolved_layers(num_layers), self.counts))
         out, current = [], visual_tokens
         for layer in range(num_layers):
             out.append(current)

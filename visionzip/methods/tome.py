@@ -27,8 +27,11 @@ What we do, and why:
   24), so we merge in the layers up to and including that one, and choose ``r`` per layer so that its
   output holds exactly the budget: ``P - T`` merges over ``L`` layers, ``(P - T) // L`` each, the
   remainder one more in the first layers (ToMe's paper finds front-loaded schedules no worse than
-  constant). A budget whose schedule would need more than half of one layer's mergeable tokens is a
-  ValueError naming the layer and the smallest budget the tower allows (instead of a silent clamp).
+  constant). Where a layer's even share would exceed half of its input (the official clamp), that layer
+  merges exactly half and the surplus moves to the layers before it (``tome_schedule``): on ViT-L/14-336
+  at -2 this never binds for the papers' budgets (64 to 192), and it lets a shallow tower reach small
+  budgets. A budget that would need more than half of the first layer's tokens is a ValueError naming the
+  smallest budget the tower allows (instead of a silent clamp).
 - Output: the selected layer's tokens without the class token (LLaVA's "patch" feature selection):
   ``tokens`` (B, T, C). A merged token has no single encoder position, so every token counts as merged:
   ``keep_indices`` has shape (B, 0) and ``cls_kept`` is False. On LLaVA-NeXT both layouts then append
@@ -54,10 +57,22 @@ from .base import CompressedTokens, MethodSettings, check_count, gather_tokens, 
 
 # ----- budget -> per-layer schedule ---------------------------------------------------------------
 def tome_schedule(mergeable: int, tokens: int, merge_layers: int) -> list[int]:
-    """Merges per layer so that ``mergeable`` tokens become ``tokens`` after ``merge_layers`` layers:
-    ``(mergeable - tokens) // merge_layers`` each, the remainder one more in the first layers."""
-    base, extra = divmod(mergeable - tokens, merge_layers)
-    return [base + int(i < extra) for i in range(merge_layers)]
+    """Merges per layer so that ``mergeable`` tokens become ``tokens`` after ``merge_layers`` layers.
+
+    An even split, ``(mergeable - tokens) // merge_layers`` each and the remainder one more in the first
+    layers, except where a layer's share would exceed half of its input (ToMe's limit, which the official
+    code clamps silently): such a layer merges as many tokens as it keeps (exactly half its input) and the
+    surplus is split evenly over the layers before it. Built from the last layer backwards; without a
+    binding limit it is the plain even split. Where even the first layer would need more than half of its
+    input the schedule is returned as is, and ``schedule_violation`` names that layer."""
+    schedule = [0] * merge_layers
+    left, out = mergeable - tokens, tokens
+    for layer in reversed(range(merge_layers)):
+        # a layer whose output keeps `out` tokens can merge at most `out` (r <= (out + r) // 2)
+        r = left if layer == 0 else min(left // (layer + 1), out)
+        schedule[layer] = r
+        left, out = left - r, out + r
+    return schedule
 
 
 def schedule_violation(schedule: list[int], mergeable: int) -> tuple[int, int, int] | None:
@@ -71,7 +86,8 @@ def schedule_violation(schedule: list[int], mergeable: int) -> tuple[int, int, i
 
 
 def smallest_budget(mergeable: int, merge_layers: int) -> int:
-    """The smallest budget whose schedule merges at most half of the tokens of every layer."""
+    """The smallest budget whose schedule merges at most half of the tokens of every layer (each layer can
+    at most halve its tokens, so it is about ``mergeable / 2 ** merge_layers``)."""
     for tokens in range(1, mergeable + 1):
         if schedule_violation(tome_schedule(mergeable, tokens, merge_layers), mergeable) is None:
             return tokens
