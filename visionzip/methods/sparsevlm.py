@@ -19,7 +19,9 @@ each sample has its own raters, selection and clusters (the official reads batch
 clustering's ``torch.rand * 1e-6`` density noise (a tie breaker, and ties are systematic: two mutual
 nearest neighbours have equal density) is drawn from a generator seeded ``seed + stage`` per sample instead
 of the global RNG, so results are reproducible and a batch gives what its samples give alone; counts scale
-per view on LLaVA-NeXT (``count * V // view_tokens``).
+per view on LLaVA-NeXT (``count * V // view_tokens``); a budget's sparse layers are the official 2 / 6 / 15
+on every LLM deep enough for them and the same fractions of the depth on a shallower one (``paper_layers``;
+the official code only runs 32- and 40-layer LLMs).
 """
 from __future__ import annotations
 
