@@ -21,7 +21,7 @@ nearest neighbours have equal density) is drawn from a generator seeded ``seed +
 of the global RNG, so results are reproducible and a batch gives what its samples give alone; counts scale
 per view on LLaVA-NeXT (``count * V // view_tokens``); a budget's sparse layers are the official 2 / 6 / 15
 on every LLM deep enough for them and the same fractions of the depth on a shallower one (``paper_layers``;
-the official code only runs 32- and 40-layer LLMs).
+the official code hard-codes ``pruning_loc = [2, 6, 15]``, written for LLaVA-1.5's 32- and 40-layer LLMs).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ RECYCLE_SHARE = 0.3
 def paper_layers(num_layers: int) -> tuple[int, ...]:
     """The sparse layers of a paper budget on an LLM of ``num_layers`` decoder layers: the official
     (2, 6, 15) wherever they fit (>= 17 layers: every LLaVA LLM, 7B and 13B alike, as the official code
-    uses them on both); on a shallower LLM the same fractions of a 32-layer depth, ``round(l * L / 32)``
+    hard-codes them); on a shallower LLM the same fractions of a 32-layer depth, ``round(l * L / 32)``
     (halves up), each at least one past the previous: (0, 1, 2) on 4 layers, (1, 2, 4) on 8."""
     check_count("num_layers", num_layers)
     if num_layers >= OFFICIAL_LAYERS[-1] + 2:
