@@ -1,7 +1,9 @@
 """Shared test setup: offline hub, the official fixtures' location, small helpers."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,21 @@ def official_dir() -> Path:
             f"official fixtures not found at {OFFICIAL_FIXTURES}; set VISIONZIP_FIXTURES to their folder"
         )
     return OFFICIAL_FIXTURES
+
+
+@pytest.fixture(scope="module")
+def official_checkpoints(official_dir, tmp_path_factory) -> Path:
+    """A copy, for one test module, of the official tiny LLaVA-1.5 and LLaVA-NeXT checkpoints and their CLIP
+    (a module may write beside them, e.g. conversions). v1.5's mm_vision_tower is pointed at the copied CLIP
+    (absolute); v1.6's stays the relative "clip-vit-tiny-336", which resolves beside the checkpoint folder."""
+    root = tmp_path_factory.mktemp("official-checkpoints")
+    for name in ("llava-v1.5-tiny", "llava-v1.6-tiny", "clip-vit-tiny-336"):
+        shutil.copytree(official_dir / name, root / name)
+    config_file = root / "llava-v1.5-tiny" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["mm_vision_tower"] = str(root / "clip-vit-tiny-336")
+    config_file.write_text(json.dumps(config))
+    return root
 
 
 @pytest.fixture(scope="session")

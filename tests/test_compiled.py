@@ -11,7 +11,6 @@ cache of more slots, so SDPA reduces over more (masked, exactly zero) entries in
 """
 from __future__ import annotations
 
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,10 +29,8 @@ COMPRESSIONS = ["none", "visionzip:54,10", "vispruner:32"]
 
 
 @pytest.fixture(scope="module")
-def models(official_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("llava-compiled")
-    for name in ("llava-v1.5-tiny", "llava-v1.6-tiny", "clip-vit-tiny-336"):
-        shutil.copytree(official_dir / name, root / name)
+def models(official_checkpoints):
+    root = official_checkpoints
     out = {"root": root}
     for version in ("v1.5", "v1.6"):
         tokenizer, model, processor, _ = load_pretrained_model(str(root / f"llava-{version}-tiny"), None, None,
@@ -430,9 +427,9 @@ UNCAPTURED_IMAGE_PATHS = {"random"}
 
 
 def vision_side_methods() -> list[str]:
-    from visionzip import CompressionConfig, registered_methods
+    from visionzip import get_method, registered_methods
 
-    return [m for m in registered_methods() if CompressionConfig.parse(f"{m}:64").settings.stage != "llm"]
+    return [m for m in registered_methods() if get_method(m).stage != "llm"]
 
 
 @pytest.mark.parametrize("version", ["v1.5", "v1.6"])

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_llava_parity import CASES, CROSS_MACHINE_TOLERANCE, copy_official_checkpoints, fixture_images
+from test_llava_parity import CASES, CROSS_MACHINE_TOLERANCE, fixture_images
 from transformers import (
     CLIPImageProcessorPil,
     LlavaForConditionalGeneration,
@@ -33,10 +33,10 @@ HF_CLASSES = {"llava-v1.5-tiny": LlavaForConditionalGeneration, "llava-v1.6-tiny
 
 
 @pytest.fixture(scope="module")
-def checkpoints(official_dir, tmp_path_factory):
-    """Copies of the fixtures (v1.5's mm_vision_tower made absolute, as test_llava_parity does) and their
+def checkpoints(official_checkpoints):
+    """The module's copies of the fixtures (conftest: v1.5's mm_vision_tower made absolute) and their
     llava-hf conversions, v1.5 through the command line."""
-    root = copy_official_checkpoints(official_dir, tmp_path_factory.mktemp("convert"))
+    root = official_checkpoints
     convert_main(["to-hf", str(root / "llava-v1.5-tiny"), str(root / "hf-v1.5")])
     to_hf(str(root / "llava-v1.6-tiny"), str(root / "hf-v1.6"))
     return root

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -35,11 +34,8 @@ def prompt_ids(tokenizer, question: str) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(official_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("llava")
-    for name in ("llava-v1.5-tiny", "llava-v1.6-tiny", "clip-vit-tiny-336"):
-        shutil.copytree(official_dir / name, root / name)
-    return root
+def checkpoints(official_checkpoints):
+    return official_checkpoints
 
 
 @pytest.fixture(scope="module")

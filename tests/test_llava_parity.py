@@ -9,7 +9,6 @@ token that transformers 4.37 put in front of tokens generated from embeddings; o
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -83,23 +82,10 @@ def records(official_dir):
     return torch.load(official_dir / "llava_outputs_seed0.pt", weights_only=True)
 
 
-def copy_official_checkpoints(official_dir, root):
-    """Copy the two fixture checkpoints and their CLIP into ``root``; v1.5's mm_vision_tower is pointed at
-    the copied CLIP (absolute), v1.6's stays relative. Returns ``root``."""
-    for name in ("llava-v1.5-tiny", "llava-v1.6-tiny", "clip-vit-tiny-336"):
-        shutil.copytree(official_dir / name, root / name)
-    config_file = root / "llava-v1.5-tiny" / "config.json"
-    config = json.loads(config_file.read_text())
-    config["mm_vision_tower"] = str(root / "clip-vit-tiny-336")
-    config_file.write_text(json.dumps(config))
-    return root
-
-
 @pytest.fixture(scope="module")
-def checkpoints(official_dir, tmp_path_factory):
-    """Copies of the two checkpoints: v1.5 with mm_vision_tower pointed at the copied CLIP (absolute),
-    v1.6 left with its relative "clip-vit-tiny-336", which resolves beside the checkpoint folder."""
-    return copy_official_checkpoints(official_dir, tmp_path_factory.mktemp("official"))
+def checkpoints(official_checkpoints):
+    """The module's copy of the two checkpoints (conftest: v1.5's tower absolute, v1.6's relative)."""
+    return official_checkpoints
 
 
 @pytest.fixture(scope="module")

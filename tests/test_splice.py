@@ -167,15 +167,11 @@ def test_host_sync_audit_finds_what_a_gpu_would_wait_for():
 
 # ----- the model's inference splice (LlavaMetaForCausalLM.splice_image_features) on the tiny checkpoints ----
 @pytest.fixture(scope="module")
-def tiny(official_dir, tmp_path_factory):
-    import shutil
-
+def tiny(official_checkpoints):
     from llava.mm_utils import process_images
     from llava.model.builder import load_pretrained_model
 
-    root = tmp_path_factory.mktemp("splice-tiny")
-    for name in ("llava-v1.5-tiny", "llava-v1.6-tiny", "clip-vit-tiny-336"):
-        shutil.copytree(official_dir / name, root / name)
+    root = official_checkpoints
     generator = torch.Generator().manual_seed(4)
     out = {}
     for version in ("v1.5", "v1.6"):
@@ -261,17 +257,13 @@ def test_bad_padding_side(model):
 
 # ----- eager generate from the processor's inputs: the host copies of the prompt reach the splice ----
 @pytest.fixture(scope="module")
-def tiny_with_processor(official_dir, tmp_path_factory):
-    import shutil
-
+def tiny_with_processor(official_checkpoints):
     from PIL import Image
 
     from llava.model.builder import load_pretrained_model
     from llava.processor import LlavaProcessor
 
-    root = tmp_path_factory.mktemp("splice-generate")
-    for name in ("llava-v1.5-tiny", "llava-v1.6-tiny", "clip-vit-tiny-336"):
-        shutil.copytree(official_dir / name, root / name)
+    root = official_checkpoints
     generator = torch.Generator().manual_seed(5)
     images = [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
               for w, h in [(500, 375), (336, 700)]]
