@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         "train": ["deepspeed>=0.15", "wandb", "peft>=0.13", "bitsandbytes>=0.45"],
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "pytest-xdist", "ruff"],  # scripts/test.sh runs the suite on 2 workers
         "flash": ["flash-attn"],
     },
     entry_points={
@@ -39,6 +39,10 @@ setup(
         # lmms-eval (>= 0.7) registers models from this group: --model visionzip_llava / visionzip_hf
         "lmms_eval.models": [
             "visionzip = llava.lmms_eval_plugin:manifests",
+        ],
+        # vLLM loads these in every process it starts: registers the compressed model classes (docs/serving.md)
+        "vllm.general_plugins": [
+            "visionzip = visionzip.vllm:register",
         ],
     },
 )

@@ -38,6 +38,46 @@ class ImageLoadError(ValueError):
     """An image that cannot be read, decoded or converted to RGB; the message names the file and why."""
 
 
+# The largest intermediate image the preprocessing may make: 4 x PIL's default decompression-bomb warning
+# limit (Image.MAX_IMAGE_PIXELS = 89,478,485): about 358 M pixels, 1 GB in RGB. PIL's limit counts the
+# file's pixels only; a 377-byte 100000 x 1 PNG passes it and then asks "pad" for a 100000 x 100000
+# canvas (30 GB), or CLIP's shortest-edge resize for 336 x 33.6 M. None: no limit.
+MAX_WORKING_PIXELS: int | None = 4 * 89_478_485
+DEFAULT_RESIZE_SIDE = 336  # CLIP ViT-L/14-336's shortest edge: what "square" resizes to when not told
+
+
+def check_image_geometry(size, image_aspect_ratio: str | None = None, resize_side: int = DEFAULT_RESIZE_SIDE,
+                         source: str = "image") -> None:
+    """Refuse (``ImageLoadError`` naming the size, the mode and the limit) an image whose preprocessing
+    would make an intermediate image beyond ``MAX_WORKING_PIXELS``, before any such buffer exists.
+
+    size: (width, height). image_aspect_ratio: "pad" (a square canvas of the longer side), "anyres" (crops
+    of at most the largest grid pinpoint and a square base view: bounded whatever the input), anything
+    else (the processor's shortest-edge resize to ``resize_side``, then a centre crop); None: every mode
+    (what ``load_image`` checks, before the model's mode is known).
+    """
+    width, height = (int(v) for v in size)
+    if width < 1 or height < 1:
+        raise ImageLoadError(f"{source}: a {width} x {height} image has no pixels")
+    limit = MAX_WORKING_PIXELS
+    if limit is None:
+        return
+    short, long = sorted((width, height))
+    needs = []
+    if image_aspect_ratio in (None, "pad"):
+        needs.append((long * long, f"a {long} x {long} padded canvas (image_aspect_ratio 'pad')"))
+    if image_aspect_ratio is None or image_aspect_ratio not in ("pad", "anyres"):
+        resized = math.ceil(long * resize_side / short)
+        needs.append((resize_side * resized, f"a {resize_side} x {resized} resize (shortest edge to {resize_side})"))
+    for pixels, what in needs:
+        if pixels > limit:
+            raise ImageLoadError(
+                f"{source}: a {width} x {height} image (aspect ratio {long / short:.0f}:1) needs {what} = "
+                f"{pixels:,} pixels, over the limit of {limit:,} (llava.mm_utils.MAX_WORKING_PIXELS, 4 x PIL's "
+                "default decompression-bomb limit); crop or resize the image"
+            )
+
+
 def to_rgb(image: Image.Image, source: str = "image") -> Image.Image:
     """``image`` as 8-bit RGB, keeping its brightness.
 
@@ -70,9 +110,10 @@ def to_rgb(image: Image.Image, source: str = "image") -> Image.Image:
 def load_image(image_file: str, timeout: float = URL_TIMEOUT_S) -> Image.Image:
     """An 8-bit RGB image from a local path or an http(s) URL, fully decoded (``to_rgb``).
 
-    Every failure (missing file, not an image, truncated data, over PIL's decompression-bomb limit, an
-    unsupported mode, a URL that does not answer within ``timeout`` seconds) raises ``ImageLoadError``
-    naming the file.
+    Every failure (missing file, not an image, truncated data, over PIL's decompression-bomb limit, a
+    geometry no preprocessing mode can handle (``check_image_geometry``: checked on the header, before
+    decoding), an unsupported mode, a URL that does not answer within ``timeout`` seconds) raises
+    ``ImageLoadError`` naming the file.
     """
     try:
         if image_file.startswith(("http://", "https://")):
@@ -83,6 +124,7 @@ def load_image(image_file: str, timeout: float = URL_TIMEOUT_S) -> Image.Image:
             image = Image.open(data)
         else:
             image = Image.open(image_file)
+        check_image_geometry(image.size, None, source=image_file)  # from the header, before decoding
         image.load()  # decodes now, so a truncated file fails here, not in the middle of a batch
         return to_rgb(image, image_file)
     except ImageLoadError:
@@ -164,6 +206,9 @@ def process_images(images, image_processor, model_cfg):
     else a list. Anything else: the processor on the images as they are (resize + centre crop).
     """
     aspect = getattr(model_cfg, "image_aspect_ratio", None)
+    side = processor_resize_side(image_processor) if getattr(image_processor, "size", None) else DEFAULT_RESIZE_SIDE
+    for image in images:  # before any canvas or resize is allocated
+        check_image_geometry(image.size, aspect if aspect in ("pad", "anyres") else "square", side)
     images = [to_rgb(image) for image in images]
     if aspect == "pad":
         fill = tuple(int(m * 255) for m in image_processor.image_mean)

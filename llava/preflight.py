@@ -10,7 +10,10 @@ Each check raises a ``ValueError`` (``OSError`` for the file system) naming the 
   ``max_new_tokens >= 1``;
 - ``check_images_decode``: every image opens and decodes (``llava.mm_utils.load_image``);
 - ``check_pixel_values``: pixels given to the public API are floating point, finite and normalised;
-- ``check_prompt_fits``: a prompt (visual tokens included) and its reply fit the model's positions.
+- ``check_prompts_fit`` / ``check_prompt_fits``: prompts (visual tokens included) fit the model's positions;
+  the one prompt-length policy of every entry point (``PromptTooLong`` names the length and the limit);
+- ``check_image_geometry``: an image's size is one the preprocessing can handle (aspect ratio, padded
+  canvas, anyres grid) before any pixel buffer is allocated.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 # Normalised pixels (CLIP / SigLIP mean and std) lie within about [-2.2, 2.7]; values far beyond mean the
 # caller passed raw 0..255 pixels without the image processor.
@@ -144,22 +147,51 @@ def check_pixel_values(pixel_values, what: str = "pixel_values") -> None:
             )
 
 
-def check_prompt_fits(prompt_positions: int, max_new_tokens: int, max_positions: int | None, what: str = "prompt") -> int:
-    """How many new tokens fit after a prompt of ``prompt_positions`` (visual tokens counted one by one).
+class PromptTooLong(ValueError):
+    """Prompts of a batch that do not fit the model's positions (``llava.preflight.check_prompts_fit``).
 
-    Refuses (ValueError with the lengths) a prompt that leaves no room for a reply; otherwise returns
-    ``min(max_new_tokens, max_positions - prompt_positions)`` so that the cache never passes the model's
-    positions. ``max_positions`` None: no limit known.
+    rows: the indices (in the batch) of the prompts that do not fit; positions: every prompt's positions
+    (visual tokens included); limit: the model's positions. A caller that answers many questions (the
+    eval engine, the lmms-eval plugin) may catch it to refuse those rows by name and answer the others.
     """
-    if max_positions is None:
+
+    def __init__(self, message: str, rows: list[int], positions: list[int], limit: int):
+        super().__init__(message)
+        self.rows, self.positions, self.limit = rows, positions, limit
+
+
+def check_prompts_fit(
+    positions: Sequence[int], max_new_tokens: int | None, max_positions: int | None, what: str = "prompt"
+) -> int | None:
+    """The one prompt-length policy of every entry point (run_llava, the chat, ``model.generate``, the eval
+    engine, the lmms-eval plugin): nothing is cut silently.
+
+    positions: each prompt's sequence positions with its visual tokens counted one by one. A prompt that
+    leaves no room for a reply (``positions >= max_positions``) raises ``PromptTooLong`` naming its length
+    and the limit; otherwise returns ``min(max_new_tokens, max_positions - max(positions))`` (None stays
+    None), so that the cache never passes the model's positions. ``max_positions`` None: no limit known.
+    """
+    positions = [int(p) for p in positions]
+    if max_positions is None or not positions:
         return max_new_tokens
-    if prompt_positions >= max_positions:
-        raise ValueError(
-            f"the {what} takes {prompt_positions} positions (visual tokens included), the model has "
+    rows = [row for row, length in enumerate(positions) if length >= max_positions]
+    if rows:
+        lengths = ", ".join(str(positions[row]) for row in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        which = "" if len(positions) == 1 else f" (batch rows {rows[:5]}{' ...' if len(rows) > 5 else ''})"
+        raise PromptTooLong(
+            f"the {what}{which} takes {lengths} positions (visual tokens included), the model has "
             f"{max_positions}: nothing may be cut silently, so shorten the text, compress the visual tokens "
-            "(--compression) or start a new conversation"
+            "(--compression) or start a new conversation",
+            rows, positions, max_positions,
         )
-    return min(max_new_tokens, max_positions - prompt_positions)
+    room = max_positions - max(positions)
+    return room if max_new_tokens is None else min(max_new_tokens, room)
+
+
+def check_prompt_fits(prompt_positions: int, max_new_tokens: int, max_positions: int | None, what: str = "prompt") -> int:
+    """``check_prompts_fit`` for one prompt of ``prompt_positions``: a ``PromptTooLong`` (ValueError) with the
+    lengths when it leaves no room for a reply, else the new tokens that fit."""
+    return check_prompts_fit([prompt_positions], max_new_tokens, max_positions, what)
 
 
 def model_max_positions(config) -> int | None:
@@ -192,16 +224,33 @@ def prompt_positions(model, input_ids, images=None, image_sizes=None) -> list[in
     list of (L_i,) id tensors with ``IMAGE_TOKEN_INDEX`` where an image goes."""
     import torch
 
-    from llava.constants import IMAGE_TOKEN_INDEX
-
     counts: list[int] = []
     if images is not None:
         with torch.inference_mode():
             counts = [int(f.shape[0]) for f in model.get_image_features(images, image_sizes).per_image]
+    return spliced_positions(input_ids, counts)
+
+
+def spliced_positions(input_ids, visual_tokens: Sequence[int], attention_mask=None) -> list[int]:
+    """Positions each prompt takes once its images' visual tokens replace its ``<image>`` placeholders.
+
+    input_ids: (B, L) tensor or a list of (L_i,) tensors with ``IMAGE_TOKEN_INDEX`` where an image goes
+    (give host copies: each row is read); visual_tokens: each image's token count, in batch order;
+    attention_mask (B, L): real tokens (None: all). A ValueError when the images do not match the
+    placeholders one to one.
+    """
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    rows = list(input_ids)
+    masks = [None] * len(rows) if attention_mask is None else list(attention_mask)
     positions, image_index = [], 0
-    for ids in input_ids:
+    for ids, mask in zip(rows, masks):
+        if mask is not None:
+            ids = ids[mask.bool()]
         placeholders = int((ids == IMAGE_TOKEN_INDEX).sum())
-        visual = sum(counts[image_index : image_index + placeholders])
+        visual = sum(int(n) for n in visual_tokens[image_index : image_index + placeholders])
         image_index += placeholders
         positions.append(int(ids.numel()) - placeholders + visual)
+    if image_index != len(visual_tokens):
+        raise ValueError(f"the batch has {image_index} <image> placeholders but {len(visual_tokens)} images")
     return positions

@@ -12,6 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (scripts/test.sh runs `-n 2`) each worker gets its share of the cores as torch threads
+# (and so do the processes it starts): 2 workers x 2 threads on 2 cores only thrash (docs/architecture.md,
+# "Test time"). Set before the test modules import torch; an explicit OMP_NUM_THREADS wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _CORES // _WORKERS)))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # ../shared beside the checkout (CI clones main with shared/ beside it); VISIONZIP_FIXTURES overrides.

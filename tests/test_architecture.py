@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 
 import visionzip
-from visionzip import CompressedTokens, CompressionConfig, MethodSettings, register_method
+from visionzip import CompressedTokens, CompressionConfig, CompressionMethod, register_method
 from visionzip.methods.base import check_count, unregister_method
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
-class KeepFirst(MethodSettings):
+class KeepFirst(CompressionMethod):
     """Keep the first ``tokens`` patches of every view (a toy encoder-output method)."""
 
     name: ClassVar[str] = "keepfirst"
@@ -86,10 +86,13 @@ def test_spec_language(keepfirst):
     # the paper split of VisionZip is owned by its file, for any budget
     assert (CompressionConfig.parse("visionzip:64").dominant, CompressionConfig.parse("visionzip:64").contextual) == (54, 10)
     assert CompressionConfig.parse("visionzip:32").settings.to_dict() == {"dominant": 27, "contextual": 5}
-    # a dict written by the previous version (every method's keys, unused ones None) keeps loading
+    # the canonical spec names every setting; the positional form of the released code is input only
+    assert CompressionConfig.parse("visionzip:54,10").spec() == "visionzip:dominant=54,contextual=10"
+    # a dict of the unreleased format with every method's keys (unused ones None) is refused, naming them
     old = {"method": "vispruner", "dominant": None, "contextual": None, "tokens": 64, "important_ratio": 0.5,
            "anyres_layout": "official"}
-    assert CompressionConfig.from_dict(old) == CompressionConfig(method="vispruner", tokens=64)
+    with pytest.raises(ValueError, match=r"unknown compression settings \['contextual', 'dominant'\]"):
+        CompressionConfig.from_dict(old)
     for bad, message in (("keepfirst:0", "tokens must be >= 1"), ("keepfirst:tokens=x", "cannot parse"),
                          ("keepfirst:size=3", "unknown setting 'size'"), ("keepfirst", "needs a budget"),
                          ("nosuch:3", "unknown compression method 'nosuch'")):
@@ -176,3 +179,84 @@ def test_nothing_outside_tests_points_into_shared():
         if pattern.search(path.read_text(encoding="utf-8", errors="ignore")):
             offenders.append(name)
     assert offenders == []
+
+
+def code_without_comments(path: Path) -> str:
+    """The source of ``path`` with comments and docstrings blanked (what runs, not what explains it)."""
+    import ast
+    import io
+    import tokenize
+
+    text = path.read_text(encoding="utf-8")
+    docstrings = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                docstrings.add((first.lineno, first.col_offset))
+    kept = []
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.COMMENT or (token.type == tokenize.STRING and token.start in docstrings):
+            continue
+        kept.append(token.string)
+    return " ".join(kept)
+
+
+def test_the_next_view_count_and_budget_families_live_in_one_place():
+    """``visionzip/budgets.py`` alone says how many views a LLaVA-NeXT budget counts (5) and which budget
+    families exist; everything else imports them (issue 19: the count was written in 3 places)."""
+    home = REPO / "visionzip" / "budgets.py"
+    assert re.search(r"^ANYRES_VIEWS = 5$", home.read_text(encoding="utf-8"), re.M)
+    patterns = {
+        "a view count": re.compile(r"\b\w*views\w* = \d+\b", re.I),
+        "a family table": re.compile(r"[\"']v1\.6[\"'] :"),
+        "5 views written out": re.compile(r"\b5 \* 576\b|\b576 \* 5\b|\btotal // 5\b|\(5, 5 \*"),
+    }
+    offenders = []
+    for path in sorted([*REPO.glob("visionzip/**/*.py"), *REPO.glob("llava/**/*.py")]):
+        if path == home:
+            continue
+        code = code_without_comments(path)
+        offenders += [f"{path.relative_to(REPO)}: {what}" for what, pattern in patterns.items() if pattern.search(code)]
+    assert offenders == [], offenders
+    # and the pattern finds what it looks for (so that the test can fail)
+    assert patterns["a view count"].search(code_without_comments(home))
+    assert patterns["a family table"].search(code_without_comments(home))
+
+
+def test_every_compression_alias_parses_into_the_same_spec():
+    """One flag dialect: each alias of ``--compression`` (run_llava's ``--visionzip``, the eval engine's
+    ``--method/--budget``, training's ``--visual_tokens/--dominant/--contextual``) gives the config the
+    spec gives, through ``llava.compression_args.compression_from_flags``; the canonical form is printed."""
+    from argparse import Namespace
+
+    from llava.compression_args import compression_from_args, compression_from_flags
+    from llava.eval.generate import build_parser, resolve_compression
+    from llava.train.arguments import CompressionArguments, build_compression_config
+
+    spec = CompressionConfig.parse("visionzip:dominant=54,contextual=10")
+    eval_args = build_parser("vqa").parse_args(
+        ["--model-path", "m", "--question-file", "q", "--answers-file", "a", "--method", "visionzip", "--budget", "64"]
+    )
+    same = {
+        "positional spec": compression_from_flags("visionzip:54,10").compression,
+        "--visionzip 54,10": compression_from_args(Namespace(visionzip="54,10", compression=None)),
+        "--method visionzip --budget 64": resolve_compression(eval_args, "pad")[0],
+        "--method visionzip --budget 320 (NeXT)": compression_from_flags(
+            method="visionzip", budget=320, family="v1.6").compression,
+        "--visual_tokens 64": build_compression_config(CompressionArguments("visionzip", visual_tokens=64), "pad"),
+        "--dominant 54 --contextual 10": build_compression_config(
+            CompressionArguments("visionzip", dominant=54, contextual=10), "pad"),
+    }
+    for alias, config in same.items():
+        assert config == spec, f"{alias} gave {config!r}"
+    assert spec.spec() == "visionzip:dominant=54,contextual=10"
+    for kwargs, message in (
+        (dict(spec="visionzip:64", method="visionzip"), "give either --compression"),
+        (dict(spec="visionzip:64", budget=64), "already gives the budget"),
+        (dict(method="visionzip", budget=64, family="v1.6"), "must divide by 5; got 64"),
+        (dict(method="visionzip", settings={"tokens": 3}), r"visionzip has no setting \['tokens'\]"),
+        (dict(method="none", budget=64), "method 'none' takes no budget"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            compression_from_flags(**kwargs)

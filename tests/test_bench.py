@@ -68,7 +68,7 @@ def test_parse_methods():
     assert parse_method("none").is_vanilla
     zipped = parse_method("visionzip:54,10")
     assert (zipped.compression.dominant, zipped.compression.contextual, zipped.official) == (54, 10, False)
-    official = parse_method("official:54,10")
+    official = parse_method("official:visionzip:54,10")
     assert official.official and official.label == "official visionzip 54+10"
     pruner = parse_method("official-vispruner:64")
     assert pruner.official and pruner.compression.tokens == 64
@@ -76,14 +76,14 @@ def test_parse_methods():
         parse_method("official")
     with pytest.raises(ValueError, match="cannot parse"):
         parse_method("visionzip:54,10,3")
-    assert parse_method("official:vispruner:64").ours_spec == "vispruner:64,0.5"
+    assert parse_method("official:vispruner:64").ours_spec == "vispruner:tokens=64,important_ratio=0.5"
 
 
 def test_resolve_methods_adds_vanilla_and_our_side_of_each_official_row():
     from llava.bench.cli import resolve_methods
 
-    specs = [m.spec for m in resolve_methods(["official:54,10", "vispruner:64"], anyres=False)]
-    assert specs == ["none", "visionzip:54,10", "official:54,10", "vispruner:64"]
+    specs = [m.spec for m in resolve_methods(["official:visionzip:54,10", "vispruner:64"], anyres=False)]
+    assert specs == ["none", "visionzip:dominant=54,contextual=10", "official:visionzip:54,10", "vispruner:64"]
 
 
 def test_ratios_are_to_vanilla_of_the_same_batch():
@@ -93,7 +93,7 @@ def test_ratios_are_to_vanilla_of_the_same_batch():
          "step_s": 1.0, "step_peak_mib": 10.0},
         {"method": "none", "batch": 8, "prefill_s": 10.0, "llm_flops": 100},
         {"method": "visionzip:54,10", "batch": 8, "prefill_s": 1.0, "llm_flops": 20},
-        {"method": "official:54,10", "batch": 1, "official": True, "step_s": 3.0, "step_peak_mib": 50.0},
+        {"method": "official:visionzip:54,10", "batch": 1, "official": True, "step_s": 3.0, "step_peak_mib": 50.0},
     ]
     add_ratios(rows)
     assert rows[1]["prefill_speedup"] == 4.0 and rows[3]["prefill_speedup"] == 10.0
@@ -107,6 +107,19 @@ def test_markdown_marks_missing_values():
             "new_tokens": 4, "repeats": 1, "warmup": 0}
     text = markdown_report(meta, rows)
     assert "| 1 | vanilla | 576 | — |" in text and "| 1 | vanilla | 640 |" in text
+
+
+def test_official_row_is_named_apart_from_ours():
+    """Issue 24: the official-path table named its row "visionzip 54+10", like our own row with other numbers."""
+    rows = add_ratios([
+        {"method": "visionzip:64", "label": "visionzip 54+10", "batch": 1, "step_s": 1.0, "step_peak_mib": 10.0},
+        {"method": "official:visionzip:64", "label": "official visionzip 54+10", "batch": 1, "official": True,
+         "step_s": 3.0, "step_peak_mib": 50.0},
+    ])
+    meta = {"model": "m", "llm_layers": 2, "device": "cpu", "dtype": "float32", "text_tokens": 64,
+            "new_tokens": 4, "repeats": 1, "warmup": 0}
+    text = markdown_report(meta, rows)
+    assert "| 1 | official visionzip 54+10 vs visionzip 54+10 | 3.000 |" in text
 
 
 # ----- measuring ----------------------------------------------------------------------------------

@@ -51,3 +51,13 @@ def test_bad_arguments_are_named():
         hf_families.main(["--families", "llava", "--repeats", "0"])
     with pytest.raises(ValueError, match="nosuch"):
         hf_families.run_family(hf_families.FAMILIES["llava"], "nosuch", repeats=1, warmup=0, new_tokens=1)
+
+
+def test_an_in_llm_method_keeps_the_placeholders_and_reports_what_the_last_layer_sees():
+    row = hf_families.run_family(hf_families.FAMILIES["qwen2_5_vl"], "fastv:tokens=16,layer=1", repeats=1, warmup=0,
+                                 new_tokens=1)
+    assert "refused" not in row and row["in_llm"]
+    # 64 merged tokens in the LLM's input; FastV keeps 16 of them from layer 1 on (per sample on Qwen2.5-VL)
+    assert (row["visual_tokens_vanilla"], row["visual_tokens_compressed"]) == (64, 16)
+    table = hf_families.markdown_table([row], {"device": "cpu", "threads": 1, "repeats": 1, "warmup": 0, "new_tokens": 1})
+    assert "| 64 -> 16 in the LLM's last layer |" in table

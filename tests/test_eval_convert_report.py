@@ -111,9 +111,9 @@ def test_budgets_follow_the_paper_tables():
     run = resolve_budget("visionzip", 640, "v1.6")
     assert (run.compression.dominant, run.compression.contextual, run.visual_tokens) == (108, 20, 640)
     run = resolve_budget("visionzip", "27,5", "v1.6")
-    assert (run.label, run.visual_tokens, run.spec) == ("27-5", 160, "visionzip:27,5")
+    assert (run.label, run.visual_tokens, run.spec) == ("27-5", 160, "visionzip:dominant=27,contextual=5")
     run = resolve_budget("vispruner", "320", "v1.6")
-    assert run.compression.tokens == 64 and run.spec == "vispruner:64,0.5"
+    assert run.compression.tokens == 64 and run.spec == "vispruner:tokens=64,important_ratio=0.5"
     run = resolve_budget("none", None, "v1.6")
     assert (run.method, run.label, run.visual_tokens, run.compression.enabled) == ("none", "full", 2880, False)
     with pytest.raises(ValueError, match="must divide by 5; got 101"):

@@ -174,6 +174,32 @@ def test_merge_checks_completeness_and_duplicates(tmp_path, mini):
         merge_answers([shards[0], shards[0]], tmp_path / "merge.jsonl")
 
 
+class RefusingAnswerer(EchoAnswerer):
+    """Refuses the first question it sees (as the prompt-length policy ``refuse`` does)."""
+
+    def __call__(self, batch):
+        answers = super().__call__(batch)
+        if len(self.batches) == 1:
+            answers[0] = ("", 0, {"refused": "prompt of 3000 positions > 2048"})
+        return answers
+
+
+def test_merge_sums_the_refused_questions_of_its_shards(tmp_path, mini):
+    fmt = formats.get_format("vqa")
+    shards = []
+    for k, answerer in enumerate((RefusingAnswerer(), EchoAnswerer())):
+        items = vqa_items(mini, num_chunks=2, chunk_idx=k)
+        path = tmp_path / f"2_{k}.jsonl"
+        generate.run_generation(items, fmt, path, answerer, {**SETTINGS, "num_chunks": 2, "chunk_idx": k},
+                                progress=False)
+        shards.append(path)
+    assert read_json(settings_path_for(shards[0]))["num_refused"] == 1
+    summary = merge_answers(shards, tmp_path / "merge.jsonl")
+    assert summary["num_answered"] == 9 and summary["num_refused"] == 1 and len(summary["refused"]) == 1
+    assert "num_truncated" not in summary
+    assert summary["shards"][0]["num_refused"] == 1 and "num_refused" not in summary["shards"][1]
+
+
 def test_prepare_mmmu_rows_to_question_file(tmp_path):
     from PIL import Image
 
@@ -199,3 +225,16 @@ def test_prepare_mmmu_rows_to_question_file(tmp_path):
     assert not items[1].has_image
     with pytest.raises(ValueError, match="options of MMMU question validation_X_1 is not a list"):
         mmmu_questions([{"id": "validation_X_1", "question": "?", "options": "Monet", "answer": "A"}], tmp_path)
+
+
+def test_merging_and_scoring_start_without_the_model_stack():
+    # every eval script runs merge_answers and evaluate once per setting (tests/test_methods_e2e.py: once per
+    # registered method): importing torch and transformers there cost ~5 s of CPU each time for nothing
+    import subprocess
+    import sys
+
+    code = ("import sys, llava.eval.merge_answers, llava.eval.evaluate; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

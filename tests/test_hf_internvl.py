@@ -157,7 +157,7 @@ def test_bad_input_is_named_before_the_language_model(compressed):
     calls = []
     handle = model.model.language_model.register_forward_pre_hook(lambda *args: calls.append(1))
     try:
-        with pytest.raises(ValueError, match="64 image placeholder tokens but visionzip:6,2 gives 32 image features"):
+        with pytest.raises(ValueError, match="64 image placeholder tokens but visionzip:dominant=6,contextual=2 gives 32 image features"):
             model(**unaware)
     finally:
         handle.remove()

@@ -141,8 +141,10 @@ def test_bad_input_is_named(llava):
                                          num_attention_heads=2, num_key_value_heads=2))
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration.*LlavaNextForConditionalGeneration"):
         visionzip.apply_compression(plain, "visionzip:8")
-    with pytest.raises(ValueError, match="acts inside the language model"):
+    # an in-LLM method is checked against the LLM's depth (FastV's paper K = 2 needs 3 layers; the tiny has 2)
+    with pytest.raises(ValueError, match="fastv: layer 2 is outside \\[1, 1\\] for an LLM of 2 decoder layers"):
         visionzip.apply_compression(model, "fastv:8")
+    assert "forward" not in model.model.language_model.__dict__
     model.config.vision_feature_layer = [-2, -1]
     try:
         with pytest.raises(ValueError, match="single integer layer"):

@@ -90,7 +90,7 @@ def test_chat_session_cache_equals_recomputing_the_conversation(tiny, image_file
     """What turn 2 generates from the cache equals greedy decoding over the whole conversation read
     afresh (the same token ids: prompt 1, reply 1, stop, the new turn)."""
     tokenizer, model, processor, _ = load_pretrained_model(tiny["v1.5"], None, None, device="cpu")
-    model.set_visual_compression("54,10")
+    model.set_visual_compression("visionzip:54,10")
     session = ChatSession(model, tokenizer, processor)
     session.set_image(Image.open(image_file).convert("RGB"))
     session.ask("What is in the picture?", max_new_tokens=6)

@@ -58,7 +58,7 @@ def padded_batch(ids_list: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize("version", ["v1.5", "v1.6"])
-@pytest.mark.parametrize("compression", [None, "54,10"])
+@pytest.mark.parametrize("compression", [None, "visionzip:54,10"])
 def test_batch_of_three_images_equals_three_single_calls(version, compression, models):
     tokenizer, model, processor, _ = models[version]
     model.set_visual_compression(compression)
@@ -113,11 +113,11 @@ def test_visual_token_counts_follow_the_compression(models):
     ids = prompt_ids(tokenizer, QUESTIONS[0])[None]
     pixels = process_images([image], processor, model.config)
     text_tokens = ids.shape[1] - 1
-    expected = {None: 576, "54,10": 64, "108,20": 128, "vispruner:32": 32, "vispruner:100,0.3": 100}
+    expected = {None: 576, "visionzip:54,10": 64, "visionzip:108,20": 128, "vispruner:32": 32, "vispruner:100,0.3": 100}
     try:
         for spec, visual in expected.items():
             model.set_visual_compression(spec)
-            embeds = model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, pixels)[4]
+            embeds = model.splice_multimodal(ids, pixels).inputs_embeds
             assert embeds.shape[1] == text_tokens + visual, spec
     finally:
         model.set_visual_compression(None)
@@ -228,9 +228,7 @@ def test_labels_mask_images_and_truncation(models):
     pixels = process_images([image], processor, model.config)
     out = model(input_ids=ids[None], labels=labels[None], images=pixels)
     assert torch.isfinite(out.loss)
-    _, _, _, _, embeds, new_labels = model.prepare_inputs_labels_for_multimodal(
-        ids[None], None, None, None, labels[None], pixels
-    )
+    new_labels = model.splice_multimodal(ids[None], pixels, labels=labels[None]).labels
     position = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
     assert (new_labels[0, position : position + 576] == IGNORE_INDEX).all()
     assert new_labels[0, position + 576 :].tolist() == labels[position + 1 :].tolist()
@@ -238,7 +236,7 @@ def test_labels_mask_images_and_truncation(models):
     original = model.config.tokenizer_model_max_length
     try:
         model.config.tokenizer_model_max_length = 300
-        embeds = model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, None, pixels)[4]
+        embeds = model.splice_multimodal(ids[None], pixels).inputs_embeds
         assert embeds.shape[1] == 300
     finally:
         model.config.tokenizer_model_max_length = original
@@ -260,7 +258,7 @@ def test_text_only_sample_consumes_a_dummy_image(models):
     batch, mask = padded_batch([with_image, text_only])
     pixels = process_images(make_images()[:1], processor, model.config)
     pixels = torch.cat([pixels, torch.zeros_like(pixels)])
-    _, _, out_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(batch, None, mask, None, None, pixels)
+    out_mask = model.splice_multimodal(batch, pixels, attention_mask=mask).attention_mask
     assert out_mask[0].sum() == len(with_image) - 1 + 576
     assert out_mask[1].sum() == len(text_only)
 

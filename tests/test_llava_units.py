@@ -187,7 +187,7 @@ def test_siglip_tower_has_no_cls(tmp_path):
     from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
     from llava.model.multimodal_encoder.builder import build_vision_tower
-    from llava.model.multimodal_encoder.clip_siglip import SiglipVisionTower
+    from llava.model.multimodal_encoder.vision_tower import SiglipVisionTower
     from visionzip import CompressionConfig
 
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ STOP = "\n\n"
 # ----- helpers (this environment) ------------------------------------------------------------------
 def test_compression_argument_strips_quotes_and_refuses_bad_specs():
     assert parse_compression(None) is None
-    assert parse_compression('"visionzip:dominant=54,contextual=10"').spec() == "visionzip:54,10"
+    assert parse_compression('"visionzip:dominant=54,contextual=10"').spec() == "visionzip:dominant=54,contextual=10"
     assert parse_compression("visionzip:64").tokens_per_image == 64
     assert not parse_compression("none").enabled
     with pytest.raises(ValueError, match="nosuchmethod"):

@@ -3,25 +3,20 @@ selection, pruned KV cache) against the re-enactments of the official code, on t
 LLaVA-NeXT models with 4 LLM layers; batching, cached decoding, chat-style continuation, bad settings."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from llm_method_cases import QUESTIONS, ReplayPruner, make_images, prompt_ids, splice_batch
 
 import visionzip
-from llava.conversation import get_conv_template
-from llava.mm_utils import process_images, tokenizer_image_token
+from llava.mm_utils import process_images
 from llava.model.builder import load_pretrained_model
-from llava.model.llava_arch import SplicedInputs
 from llava.model.tiny import build_tiny_llava
 from visionzip import CompressionConfig
-from visionzip.llm import Selection
 from visionzip.methods.fastv import FastV, official_fastv, visual_keep_counts
 from visionzip.methods.pdrop import PDrop, official_pdrop
 from visionzip.methods.sparsevlm import SPARSEVLM_BUDGETS, SparseVLM, official_sparsevlm
 
 LAYERS = 4
-QUESTIONS = ["What is in the picture?", "Describe the colors you see, in detail, please.", "Why?"]
 BUDGETS = (64, 128, 192)
 
 
@@ -35,44 +30,14 @@ def models(tmp_path_factory):
     return out
 
 
-def prompt_ids(tokenizer, question: str) -> torch.Tensor:
-    conv = get_conv_template("vicuna_v1")
-    conv.append_message(conv.roles[0], "<image>\n" + question)
-    conv.append_message(conv.roles[1], None)
-    return tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")
-
-
 @pytest.fixture(scope="module")
 def spliced(models):
     """Per version: the left-padded batch of 3 (different images, prompts, lengths) and each sample alone."""
-    images = make_images()
     out = {}
     for version, (tokenizer, model, processor, _) in models.items():
         model.set_visual_compression(None)
-        ids = [prompt_ids(tokenizer, q) for q in QUESTIONS]
-        longest = max(len(i) for i in ids)
-        batch = torch.zeros(3, longest, dtype=torch.long)
-        mask = torch.zeros(3, longest, dtype=torch.long)
-        for row, sample in enumerate(ids):
-            batch[row, : len(sample)] = sample
-            mask[row, : len(sample)] = 1
-        pixels = process_images(images, processor, model.config)
-        with torch.no_grad():
-            both = model.splice_multimodal(batch, pixels, [im.size for im in images], mask, padding_side="left")
-        # each sample alone, unpadded: its rows of the batch (the tower's output does not depend on the batch)
-        pad = (~both.attention_mask.bool()).sum(dim=1).tolist()
-        singles = [
-            SplicedInputs(both.inputs_embeds[row : row + 1, p:], None, None, None, both.visual_mask[row : row + 1, p:])
-            for row, p in enumerate(pad)
-        ]
-        out[version] = (both, singles)
+        out[version] = splice_batch(model, processor, tokenizer)[:2]
     return out
-
-
-def make_images(seed: int = 3, sizes=((600, 300), (336, 336), (300, 600))) -> list[Image.Image]:
-    """Random images; on LLaVA-NeXT these are 3, 5 and 3 views (336 x 672 grids and 672 x 672)."""
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for w, h in sizes]
 
 
 def settings_for(method: str, budget: int):
@@ -133,33 +98,6 @@ def test_fast_path_matches_the_official_code_batch_1_and_3(method, version, mode
             assert set(kept.tolist()) == set(ref_kept.tolist()), (method, version, budget, row)
             assert {int(i) for i in kept if visual[i]} == kept_visual
             torch.testing.assert_close(batch_logits[row][valid], ref_logits[0], atol=1e-4, rtol=0)
-
-
-class ReplayPruner:
-    """Records the keep masks a pruner chose on a prefill and replays them on the same prefill with
-    ``extra`` tokens appended (what decoding on the pruned KV cache must compute, without a cache)."""
-
-    def __init__(self, pruner):
-        self.inner = pruner
-        self.layers = tuple(pruner.layers)
-        self.keep_original_positions = pruner.keep_original_positions
-        self.recorded = {}
-        self.extra = 0
-
-    def score_layer(self, layer):
-        return self.inner.score_layer(layer)
-
-    def select(self, context):
-        if self.extra == 0:
-            keep = self.inner.select(context)
-            self.recorded[context.layer] = keep
-            return keep
-        recorded = self.recorded[context.layer]
-        keep = recorded.keep if isinstance(recorded, Selection) else recorded
-        keep = torch.cat([keep, keep.new_ones(keep.shape[0], self.extra)], dim=1)
-        if isinstance(recorded, Selection):
-            return Selection(keep, recorded.extra, recorded.extra_valid, recorded.insert_after)
-        return keep
 
 
 @pytest.mark.parametrize("version", ["v1.5", "v1.6"])

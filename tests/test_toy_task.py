@@ -15,14 +15,17 @@ import pytest
 from llava.toy import QUESTION_TYPES, ToySettings, majority_baseline, make_scene, prepare_toy
 from llava.toy.evaluate import ToyEvaluator
 from llava.toy.model import tune_projector
-from llava.toy.study import accuracy_rows, by_type_table, markdown_table
-from llava.toy.task import COLOURS, scene_questions, write_eval_set, write_train_set
+from llava.toy.study import accuracy_rows, answers_folder, by_type_table, markdown_table, run_llava_command
+from llava.toy.task import COLOURS, scene_questions, write_caption_set, write_eval_set, write_train_set
 from visionzip import registered_methods
 
 # 480 steps: measured on seeds 0-5, held-out accuracy 63-93 % (colour 80-100 %, count 45-80 %, position
 # 65-100 %) against a majority answer of 42-47 %; 320 steps gave 62-80 % with colour down to 75 % on
 # another split, and a small model's learning varies from seed to seed, so the bounds keep a margin
-SMALL = ToySettings(image_size=112, train_images=480, eval_images=60, epochs=8, vision_layers=3)
+# The random tower and no stage 1 keep this test's cost what it was (the contrastive tower has its own test,
+# tests/test_toy_clip.py; the tower swap and the caption set are tested below without training)
+SMALL = ToySettings(image_size=112, train_images=480, eval_images=60, epochs=8, vision_layers=3, tower="random",
+                    stage1_steps=0)
 
 
 def file_digest(path) -> str:
@@ -97,7 +100,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
         ToySettings(learning_rate=2.0)
     with pytest.raises(ValueError, match="num_images must be a positive integer"):
         write_eval_set(str(tmp_path), 0, seed=0)
-    with pytest.raises(ValueError, match=r"image_size must be a multiple of the 14 px patch and >= 56 \(3 shapes must fit\), got 100"):
+    with pytest.raises(ValueError, match=r"image_size must be a multiple of the 14 px patch and >= 112 \(3 shapes side by side must fit in a half\), got 100"):
         ToySettings(image_size=100)
     with pytest.raises(ValueError, match="vision_layers must be an integer >= 2"):
         ToySettings(vision_layers=1)
@@ -131,8 +134,12 @@ def test_small_toy_model_learns_the_task_through_the_entry_point_and_is_cached(s
 def test_accuracy_table_has_a_row_for_every_registered_method(evaluator):
     methods = registered_methods()
     assert {"visionzip", "vispruner"} <= set(methods)
-    vanilla, table, reasons = accuracy_rows(evaluator, methods, budgets=(16, 1000), printer=lambda *a: None)
+    progress = []
+    vanilla, table, reasons = accuracy_rows(evaluator, methods, budgets=(16, 1000), printer=progress.append)
     assert list(table) == methods
+    # one progress line per setting, and no accuracy in them (the table prints the accuracies, once)
+    assert len(progress) == 1 + 2 * len(methods) and not any("%" in line for line in progress), progress
+    assert progress[-1].startswith(f"  [{len(progress)}/{len(progress)}] {methods[-1]}:1000: n/a")
     for method in methods:
         assert table[method][1000] is None  # more tokens than the 64 patches: refused, named
         # the first refused budget's reason (a method may refuse 16 on this small model too)
@@ -141,6 +148,7 @@ def test_accuracy_table_has_a_row_for_every_registered_method(evaluator):
         score = table[method][16]
         assert score.visual_tokens == 16 and 0 <= score.accuracy <= 100
         assert score.answers_file.is_file()
+        assert score.answers_file.name == f"{method}_16.jsonl"  # the spec as asked, not its long settings form
     markdown = markdown_table(vanilla, table, reasons, 50.0, len(evaluator.items), budgets=(16, 1000))
     rows = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["vanilla", *methods]
@@ -158,3 +166,63 @@ def test_projector_tuning_refuses_no_compression(small_toy):
         tune_projector(small_toy, "none", steps=1)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         tune_projector(small_toy, "visionzip:64", steps=0)
+
+
+def test_answers_are_keyed_on_the_weights(small_toy, tmp_path):
+    """Issue 22 item 4: answers kept for a model are not reused once its weights change (here: another
+    projector in the checkpoint), whatever the settings and the code."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "model"
+    shutil.copytree(small_toy.model_path, copy)
+    same = dataclasses.replace(small_toy, model_path=copy)
+    assert answers_folder(tmp_path, same) == answers_folder(tmp_path, small_toy)  # same bytes: same answers
+    weights = load_file(copy / "model.safetensors")
+    name = next(k for k in weights if "mm_projector" in k and k.endswith("weight"))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    assert answers_folder(tmp_path, same) != answers_folder(tmp_path, small_toy)
+    assert answers_folder(tmp_path, same).parent == tmp_path / "answers"
+
+
+def test_run_llava_command_asks_as_the_model_was_trained(small_toy):
+    command = run_llava_command(small_toy)
+    first = json.loads(open(small_toy.question_file).readline())
+    assert first["text"].endswith("\nAnswer the question using a single word or phrase.")
+    assert f"--model-path {small_toy.model_path} " in command and first["text"] in command
+
+
+def test_caption_set_and_tower_swap(tmp_path):
+    """LLaVA stage 1's captions belong to the training scenes, and install_tower puts a trained tower in
+    both places a checkpoint keeps it (the tower folder and model.safetensors): the loaded model has it."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    from llava.model.builder import load_pretrained_model
+    from llava.model.tiny import TOWER_DIR, build_tiny_llava
+    from llava.toy.model import install_tower
+
+    write_train_set(str(tmp_path / "data"), 4, seed=2, image_size=112)
+    records = json.load(open(write_caption_set(str(tmp_path / "data"), 4, seed=2, image_size=112)))
+    train = json.load(open(tmp_path / "data" / "train.json"))
+    assert [r["image"] for r in records] == [r["image"] for r in train]
+    for record, sample in zip(records, train):
+        human, gpt = record["conversations"]
+        assert human == {"from": "human", "value": "<image>"}
+        colour_answer = next(sample["conversations"][i + 1]["value"] for i, t in enumerate(sample["conversations"])
+                             if t["from"] == "human" and "colour" in t["value"])
+        assert colour_answer in gpt["value"].split()
+
+    base = build_tiny_llava(str(tmp_path / "base"), hidden=16, layers=1, vision_hidden=8, vision_layers=2, image_size=56)
+    tower = CLIPVisionModel.from_pretrained(f"{base}/{TOWER_DIR}")
+    with torch.no_grad():
+        getattr(tower, "vision_model", tower).embeddings.class_embedding.add_(1.0)  # a tower unlike the base's
+    target = install_tower(tmp_path / "base", tower, tmp_path / "swapped")
+    _tokenizer, model, _processor, _context = load_pretrained_model(str(target), None, "toy", device_map="cpu", device="cpu")
+    for loaded in (model.get_vision_tower().vision_tower, CLIPVisionModel.from_pretrained(target / TOWER_DIR)):
+        state = loaded.state_dict()
+        assert state.keys() == tower.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in tower.state_dict().items())

@@ -42,8 +42,11 @@ def ds_env() -> dict:
         TRANSFORMERS_OFFLINE="1",
         WANDB_MODE="offline",
         TOKENIZERS_PARALLELISM="false",
-        # DeepSpeed compiles a small C++ op on first use: a stable cache pays that once
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        # DeepSpeed compiles a small C++ op on first use: torch's own per-user cache (~/.cache/torch_extensions,
+        # not inside the clone) pays that once per machine rather than once per checkout
+        TORCH_EXTENSIONS_DIR=os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")
+        ),
         PYTHONPATH=str(REPO),
     )
     return env

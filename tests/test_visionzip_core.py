@@ -279,7 +279,9 @@ def test_compression_config_roundtrip_and_parse():
     cfg = visionzip.CompressionConfig(method="visionzip", dominant=54, contextual=10)
     assert visionzip.CompressionConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.tokens_per_image == 64
-    assert visionzip.CompressionConfig.parse("54,10") == cfg
+    assert visionzip.CompressionConfig.parse("visionzip:54,10") == cfg  # the released code's positional form
+    with pytest.raises(ValueError, match="cannot parse compression spec '54,10'"):
+        visionzip.CompressionConfig.parse("54,10")  # a spec names its method
     assert visionzip.CompressionConfig.parse("vispruner:64").tokens_per_image == 64
     assert not visionzip.CompressionConfig.parse("none").enabled
     with pytest.raises(ValueError, match="cannot parse"):

@@ -1,22 +1,33 @@
-"""VisionZip and VisPruner: visual-token compression for vision-language models, model-agnostic.
+"""Visual-token compression for vision-language models, model-agnostic: one registry of methods (VisionZip,
+VisPruner and the baselines the papers compare against, vision-side and in-LLM: ``registered_methods()``,
+one file each in ``visionzip/methods/``), applied to our LLaVA or to Hugging Face model classes.
 
 Public API
 ----------
-- ``zip_vision_tokens(vision_model, pixel_values, dominant, contextual, select_layer=-2)``
-- ``vispruner_select(vision_model, pixel_values, num_tokens, important_ratio=0.5, select_layer=-2)``
-- ``apply_compression(model, SPEC)``: the one entry, SPEC ``none`` | ``METHOD:TOKENS`` | ``METHOD:key=value,...``
-- ``visionzip(model, dominant=54, contextual=10)`` / ``vispruner(model, tokens=64)``: the one-liners
+- ``apply_compression(model, SPEC)``: the one entry for a whole model, SPEC ``none`` | ``METHOD:TOKENS`` |
+  ``METHOD:key=value,...``; ``visionzip(model, dominant=54, contextual=10)`` / ``vispruner(model, tokens=64)``:
+  the official one-liners
 - ``CompressionConfig``: method + settings, what a model persists in its ``config.json``
-- ``registered_methods()`` / ``get_method(name)`` / ``register_method``: the methods, one file each
-- ``compress`` / ``compress_capture`` / ``check_budget`` and ``encoder_adapter``: for model code
+- ``registered_methods()`` / ``get_method(name)`` / ``register_method``: the methods (``docs/adding_a_method.md``)
+- ``compress`` / ``compress_capture`` / ``check_budget`` and ``encoder_adapter``: a method on a bare vision
+  model (the functional API; model code builds its adapter once and calls the method's ``encode``)
+- ``zip_vision_tokens`` / ``vispruner_select``: VisionZip's and VisPruner's own functional forms
+- ``visionzip.budgets``: the budget families (paper totals per image -> per-view budgets)
 """
 from .anyres import official_anyres_layout
 from .apply import apply_compression, register_model_adapter, visionzip, vispruner
 from .compress import check_budget, compress, compress_capture
-from .config import VISIONZIP_BUDGETS, VISIONZIP_NEXT_BUDGETS, CompressionConfig, parse_spec
+from .config import CompressionConfig, parse_spec
 from .encoders import EncoderCapture, VisionEncoderAdapter, encoder_adapter
-from .methods import CompressedTokens, MethodSettings, get_method, register_method, registered_methods
-from .methods.visionzip import VisionZipOutput, merge_contextual, select_dominant, zip_vision_tokens
+from .methods import CompressedTokens, CompressionMethod, get_method, register_method, registered_methods
+from .methods.visionzip import (
+    VISIONZIP_BUDGETS,
+    VISIONZIP_NEXT_BUDGETS,
+    VisionZipOutput,
+    merge_contextual,
+    select_dominant,
+    zip_vision_tokens,
+)
 from .methods.vispruner import VisPrunerOutput, vispruner_keep_indices, vispruner_select
 
 __version__ = "0.1.0"
@@ -27,7 +38,7 @@ __all__ = [
     "CompressedTokens",
     "CompressionConfig",
     "EncoderCapture",
-    "MethodSettings",
+    "CompressionMethod",
     "VisPrunerOutput",
     "VisionEncoderAdapter",
     "VisionZipOutput",

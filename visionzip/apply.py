@@ -8,18 +8,10 @@ with the checkpoint. No class is patched.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 from .config import CompressionConfig
+from .model_adapters import find_model_adapter, register_model_adapter
 
-# Hugging Face model classes (or other foreign models) -> a function(model, config) that installs the
-# compression on that instance. Filled by ``visionzip.hf`` when it is imported.
-_MODEL_ADAPTERS: list[tuple[Callable[[object], bool], Callable[[object, CompressionConfig], object]]] = []
-
-
-def register_model_adapter(matches: Callable[[object], bool], apply: Callable[[object, CompressionConfig], object]):
-    """Teach ``apply_compression`` a model family that has no ``set_visual_compression`` of its own."""
-    _MODEL_ADAPTERS.append((matches, apply))
+__all__ = ["apply_compression", "register_model_adapter", "visionzip", "vispruner"]
 
 
 def apply_compression(model, spec: str | CompressionConfig | dict | None, anyres_layout: str | None = None):
@@ -34,9 +26,9 @@ def apply_compression(model, spec: str | CompressionConfig | dict | None, anyres
         return model
     from . import hf  # registers the Hugging Face families (imports transformers' model modules)
 
-    for matches, apply in _MODEL_ADAPTERS:
-        if matches(model):
-            return apply(model, config)
+    install = find_model_adapter(model)
+    if install is not None:
+        return install(model, config)
     raise TypeError(
         f"cannot apply visual-token compression to {type(model).__name__}: it has no "
         "set_visual_compression(config) method and no registered adapter. Use a model from this codebase "

@@ -1,4 +1,10 @@
-"""One entry point for model code: validate a budget, run the encoder once, compress."""
+"""A method on a bare vision model, as functions: validate a budget, run the encoder once, compress.
+
+For a user who holds a Hugging Face vision model (``CLIPVisionModel``, ``SiglipVisionModel``, ...) rather
+than a whole VLM (for that: ``apply_compression``). Model code (``llava``'s tower, the ``visionzip.hf``
+families) builds its encoder adapter once and calls the method's ``check`` / ``encode`` itself: the same
+calls these functions make.
+"""
 from __future__ import annotations
 
 import torch

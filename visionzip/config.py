@@ -3,28 +3,28 @@
 
 A checkpoint trained or evaluated with compression records *how* its visual tokens were compressed, so
 that reloading it reproduces the same token budget. The persisted dict is flat:
-``{"method": "visionzip", "dominant": 54, "contextual": 10, "anyres_layout": "official"}``; dicts written
-by earlier versions (which carried every method's keys, unused ones as ``None``) keep loading.
+``{"method": "visionzip", "dominant": 54, "contextual": 10, "anyres_layout": "official"}``: the method and
+its own settings, nothing else (a key the method does not have is refused, naming it).
 
 One spec string selects a method everywhere (``--compression SPEC``, ``apply_compression(model, SPEC)``):
 
 - ``none``;
 - ``METHOD:TOKENS``: the method's paper split for that many visual tokens per image (per crop on
   LLaVA-NeXT), e.g. ``visionzip:64`` = 54 dominant + 10 contextual;
-- ``METHOD:key=value,...``: explicit settings, e.g. ``visionzip:dominant=54,contextual=10``;
-- the legacy positional forms ``visionzip:54,10``, ``54,10`` and ``vispruner:64,0.5``.
+- ``METHOD:key=value,...``: explicit settings, e.g. ``visionzip:dominant=54,contextual=10`` (the canonical
+  form: what ``spec()`` prints);
+- ``METHOD:v1,v2,...``: the positional form of the released VisionZip / VisPruner command lines
+  (``visionzip:54,10``, ``vispruner:64,0.5``), accepted as input only.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from .methods.base import MethodSettings, check_count, check_ratio, get_method, registered_methods
+from .methods.base import CompressionMethod, check_count, check_ratio, get_method, registered_methods
 
 __all__ = [
     "ANYRES_LAYOUTS",
     "CompressionConfig",
-    "VISIONZIP_BUDGETS",
-    "VISIONZIP_NEXT_BUDGETS",
     "check_count",
     "check_ratio",
     "parse_spec",
@@ -38,15 +38,10 @@ __all__ = [
 #               ``image_newline`` after every grid row that still has tokens; merged tokens follow.
 ANYRES_LAYOUTS = ("official", "spatial")
 
-# Legacy re-exports: the VisionZip paper budgets live in visionzip/methods/visionzip.py.
-from .methods.visionzip import VISIONZIP_BUDGETS, VISIONZIP_NEXT_BUDGETS  # noqa: E402
-
-# Keys every method's dict carried before settings became per-method dataclasses.
-_LEGACY_KEYS = ("dominant", "contextual", "tokens", "important_ratio")
 _NONE = ("", "none", "vanilla")
 
 
-def parse_spec(spec: str) -> MethodSettings | None:
+def parse_spec(spec: str) -> CompressionMethod | None:
     """A spec string (see the module docstring) -> the method's settings, or None for ``none``."""
     if not isinstance(spec, str):
         raise ValueError(f"a compression spec must be a string, got {type(spec).__name__}")
@@ -55,9 +50,7 @@ def parse_spec(spec: str) -> MethodSettings | None:
         return None
     method, colon, args = spec.partition(":")
     if not colon:
-        if "," in spec:  # bare "54,10": VisionZip's legacy form
-            method, args = "visionzip", spec
-        elif method in registered_methods():
+        if method in registered_methods():
             raise ValueError(f"compression spec {spec!r} needs a budget: '{method}:TOKENS' or '{method}:key=value,...'")
         else:
             raise ValueError(
@@ -78,7 +71,7 @@ class CompressionConfig:
     def __init__(
         self,
         method: str = "none",
-        settings: MethodSettings | None = None,
+        settings: CompressionMethod | None = None,
         anyres_layout: str = "official",
         **settings_kwargs: Any,
     ):
@@ -162,14 +155,11 @@ class CompressionConfig:
         method = data.pop("method", "none") or "none"
         layout = data.pop("anyres_layout", "official")
         if method in _NONE:
-            unknown = {k for k in data if k not in _LEGACY_KEYS}
-            if unknown:
-                raise ValueError(f"unknown compression settings {sorted(unknown)} for method 'none'")
+            if data:
+                raise ValueError(f"unknown compression settings {sorted(data)} for method 'none'")
             return cls(anyres_layout=layout)
         settings_cls = get_method(method)
         known = {f for f in settings_cls.__dataclass_fields__}
-        # earlier versions wrote every method's keys: drop the legacy ones this method does not have
-        data = {k: v for k, v in data.items() if k in known or k not in _LEGACY_KEYS}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown compression settings {sorted(unknown)} for {method}; known: {sorted(known)}")

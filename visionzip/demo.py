@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .config import VISIONZIP_BUDGETS
 from .encoders import encoder_adapter
-from .methods.visionzip import zip_vision_tokens
+from .methods.visionzip import VISIONZIP_BUDGETS, zip_vision_tokens
 from .methods.vispruner import vispruner_select
 from .profiling import measure
 

@@ -11,7 +11,17 @@ Shapes: N sequence, C hidden, H heads, D head dim.
 from __future__ import annotations
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .copied import copied_from
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """transformers' LLaMA RoPE, imported on first use: every method module imports this one, and
+    transformers' LLaMA module costs seconds to import, which a budget look-up (``python -m
+    llava.eval.budgets`` in every eval script) or ``merge_answers`` never needs."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as rope
+
+    return rope(q, k, cos, sin)
 
 
 def causal_additive_mask(length: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -20,6 +30,11 @@ def causal_additive_mask(length: int, dtype: torch.dtype, device) -> torch.Tenso
     return mask.triu(1)[None, None]
 
 
+# Copied from transformers v5.25.0, models/llama/modeling_llama.py, LlamaDecoderLayer.forward,
+# LlamaAttention.forward and eager_attention_forward: one layer, eagerly, returning the attention map
+@copied_from("transformers.models.llama.modeling_llama.LlamaDecoderLayer.forward", sha="6638598f45b2c79d", version="5.25.0")
+@copied_from("transformers.models.llama.modeling_llama.LlamaAttention.forward", sha="32a79445373f688d", version="5.25.0")
+@copied_from("transformers.models.llama.modeling_llama.eager_attention_forward", sha="ca07257165d5e0f8", version="5.25.0")
 def eager_layer(model, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor):
     """Run decoder layer ``layer_index`` of ``model`` (a ``LlamaModel``) eagerly on one sample.
 
@@ -48,6 +63,10 @@ def eager_layer(model, layer_index: int, hidden: torch.Tensor, position_ids: tor
     return hidden, weights
 
 
+# Copied from transformers v5.25.0, models/llama/modeling_llama.py, LlamaAttention.forward and
+# eager_attention_forward: the attention map only
+@copied_from("transformers.models.llama.modeling_llama.LlamaAttention.forward", sha="32a79445373f688d", version="5.25.0")
+@copied_from("transformers.models.llama.modeling_llama.eager_attention_forward", sha="ca07257165d5e0f8", version="5.25.0")
 def query_key_attention(model, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """The attention map (1, H, N, N) layer ``layer_index`` computes on ``hidden`` (1, N, C), eagerly, from
     its input norm, q and k projections and RoPE (PyramidDrop re-projects the hidden states entering its

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .copied import copied_from
 from .scoring import received_attention
 
 # normalised pixels ((x - mean) / std) stay within about 3 for CLIP and SigLIP; raw 0..255 values do not
@@ -155,6 +156,10 @@ class VisionEncoderAdapter:
         """(B, N, C) the input of layer ``layer_index`` -> its attention input (its pre-attention norm)."""
         return getattr(self.layers[layer_index], self.attention_norm)(hidden)
 
+    # Copied from transformers v5.25.0, models/clip/modeling_clip.py, CLIPVisionModel.forward (embeddings,
+    # pre-layer norm: ``embed``) and CLIPEncoder.forward (the layer loop), stopped after the selected layer
+    @copied_from("transformers.models.clip.modeling_clip.CLIPVisionModel.forward", sha="ca1f51ee735860df", version="5.25.0")
+    @copied_from("transformers.models.clip.modeling_clip.CLIPEncoder.forward", sha="72d9e376fa69940d", version="5.25.0")
     def run(
         self,
         pixel_values: torch.Tensor,

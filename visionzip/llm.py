@@ -47,6 +47,11 @@ class PruningContext:
     input_index: torch.Tensor | None = None
     inputs_embeds: torch.Tensor | None = None
     input_visual_mask: torch.Tensor | None = None
+    # () -> (B, Hkv, N, D): the keys (RoPE applied) of layer ``pruner.score_layer(layer)`` on the sequence as it
+    # entered that layer, computed when called (DART ranks its pivot tokens by their L1 norm); the LLM's final
+    # norm, (B, N, C) -> (B, N, C) (DART compares hidden states after it, as its official code does)
+    keys: Callable[[], torch.Tensor] | None = None
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def last_query_index(self) -> torch.Tensor:
         """(B, 1): each sample's last non-padding position (the prompt's last token)."""
@@ -55,9 +60,11 @@ class PruningContext:
 
 @runtime_checkable
 class LLMTokenPruner(Protocol):
-    """The pruning schedule an in-LLM method gives the LLM's forward (``MethodSettings.llm_pruner``).
+    """The pruning schedule an in-LLM method gives the LLM's forward (``CompressionMethod.llm_pruner``).
 
-    layers: decoder-layer indices (ascending, >= 1) before which tokens are dropped.
+    layers: decoder-layer indices (ascending) before which tokens are dropped: >= 1 for pruners that rank by
+    attention (layer ``score_layer``'s on its input); 0 for one that reads only the input embeddings
+    (CDPruner: the LLM then holds the kept tokens only, as after a before-LLM method).
     keep_original_positions: True (FastV) keeps each kept token's position id; False (PyramidDrop)
     renumbers them contiguously (a kept token's position drops by the number of tokens removed before it,
     and later tokens continue from there).

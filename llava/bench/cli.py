@@ -3,12 +3,12 @@
     python -m llava.bench --geometry llava-1.5-7b --layers 2                  # CPU: 2 Vicuna-7B-shaped layers
     python -m llava.bench --geometry llava-next-7b --layers 2 --batch 1
     python -m llava.bench --geometry llava-1.5-7b --device cuda --batch 1 8   # GPU: full depth, bf16
-    python -m llava.bench --model path/to/llava-v1.5-7b --methods none visionzip:54,10 official:54,10
+    python -m llava.bench --model path/to/llava-v1.5-7b --methods none visionzip:54,10 official:visionzip:54,10
     python -m llava.bench --geometry llava-1.5-7b --layers 2 --json out.json --plot out.png --markdown out.md
 
 A named geometry has the real layer counts and widths and random weights (nothing is downloaded);
 ``--layers`` keeps the first N layers of the LLM (the tower keeps its 24). Methods: ``none``,
-``visionzip:D,C``, ``vispruner:T``, ``official:D,C`` / ``official-vispruner:T`` (the official code path
+``visionzip:D,C``, ``vispruner:T``, ``official:visionzip:D,C`` / ``official-vispruner:T`` (the official code path
 re-enacted, for the compression step). Vanilla is always measured, and ratios are to it, same batch, same
 run. Each (batch, method) runs in its own process so that its peak memory is its own
 (``--in-process`` shares one model: faster, for smoke tests).

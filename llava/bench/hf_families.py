@@ -167,8 +167,11 @@ FAMILIES: dict[str, Family] = {
 
 def run_family(family: Family, method: str, repeats: int, warmup: int, new_tokens: int) -> dict:
     """One row: counts and the interleaved timings of vanilla and ``METHOD:budget``. A method the family
-    refuses gives a row with ``refused`` (the ValueError's message) and no timings."""
-    spec = f"{method}:{family.budget}"
+    refuses gives a row with ``refused`` (the ValueError's message) and no timings. ``method`` may be a
+    whole spec (``fastv:tokens=16,layer=1``: the in-LLM methods' paper layers need deeper LLMs than the tiny
+    models' 2). In-LLM methods keep the model's placeholders; their compressed count is what the LLM's last
+    layer sees (``settings.llm_token_schedule``)."""
+    spec = method if ":" in method else f"{method}:{family.budget}"
     CompressionConfig.parse(spec)  # a malformed method is the caller's error, not a refusal
     vanilla = family.sample(None)
     row = {"family": family.key, "label": family.label, "hf_class": family.hf_class, "what": family.what,
@@ -178,8 +181,18 @@ def run_family(family: Family, method: str, repeats: int, warmup: int, new_token
     except ValueError as err:
         row["refused"] = str(err)
         return row
+    settings = CompressionConfig.parse(spec).settings
     row["visual_tokens_compressed"] = compressed.visual_tokens
-    row["tokens_per_view"] = CompressionConfig.parse(spec).settings.tokens_per_view()
+    row["tokens_per_view"] = settings.tokens_per_view()
+    if settings.stage == "llm":
+        from visionzip.hf.base import family_of
+
+        hf_family = family_of(compressed.model)
+        language_model = hf_family.inner(compressed.model).language_model
+        view = hf_family.llm_view_tokens(compressed.model) if hf_family.llm_view_tokens is not None else None
+        schedule = settings.llm_token_schedule(language_model.config.num_hidden_layers, vanilla.visual_tokens, view)
+        row["in_llm"] = True
+        row["visual_tokens_compressed"] = schedule[-1]
 
     def prefill(sample):
         return lambda: sample.model(**sample.inputs)
@@ -226,9 +239,9 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
             lines.append(head + f"| {row['visual_tokens_vanilla']} -> refused: {row['refused']} | | | | | |")
             continue
         ratio = float(np.median(row["prefill_compressed_s"]) / np.median(row["prefill_vanilla_s"]))
+        after = "in the LLM's last layer" if row.get("in_llm") else f"({row['views']} x {row['tokens_per_view']})"
         lines.append(
-            head + f"| {row['visual_tokens_vanilla']} -> {row['visual_tokens_compressed']} "
-            f"({row['views']} x {row['tokens_per_view']}) "
+            head + f"| {row['visual_tokens_vanilla']} -> {row['visual_tokens_compressed']} {after} "
             f"| {_ms(row['prefill_vanilla_s'])} | {_ms(row['prefill_compressed_s'])} | {ratio:.2f} "
             f"| {_ms(row['generate_vanilla_s'])} | {_ms(row['generate_compressed_s'])} |"
         )
@@ -240,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--method", default="visionzip",
-                        help="a vision-side method; each family's row runs METHOD:budget (default visionzip)")
+                        help="a method (each family's row runs METHOD:budget; default visionzip) or a whole spec "
+                             "(in-LLM methods on the tiny models' 2 LLM layers: e.g. fastv:tokens=16,layer=1)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=8)

@@ -14,8 +14,7 @@ from visionzip import CompressionConfig
 from .geometry import NEXT_GRID_PINPOINTS, Geometry
 
 # Rows whose compression step is the method's official code path re-enacted (``settings.reference_tokens``):
-# ``official:SPEC`` for any method spec; ``official:D,C`` is VisionZip's legacy form, ``official-METHOD:ARGS``
-# is ``official:METHOD:ARGS``.
+# ``official:SPEC`` for any method spec; the older ``official-METHOD:ARGS`` is ``official:METHOD:ARGS``.
 OFFICIAL_PREFIX = "official"
 
 
@@ -46,8 +45,8 @@ class BenchMethod:
 
 def parse_method(spec: str) -> BenchMethod:
     """A ``--compression`` spec (``none``, ``METHOD:TOKENS``, ``METHOD:key=value,...``), or
-    ``official:SPEC`` for the method's official code path re-enacted (``official:54,10`` and
-    ``official-vispruner:64`` are the legacy forms)."""
+    ``official:SPEC`` for the method's official code path re-enacted (``official-vispruner:64``
+    is the legacy form)."""
     head, _, rest = spec.partition(":")
     if head == OFFICIAL_PREFIX or head.startswith(OFFICIAL_PREFIX + "-"):
         if not rest:

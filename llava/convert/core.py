@@ -10,6 +10,7 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
 
 from ..model.multimodal_encoder.builder import resolve_vision_tower_path
+from ..output_folder import output_folder
 
 IMAGE_TOKEN = "<image>"
 TEXT_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral"}
@@ -84,11 +85,42 @@ def _check_projector(config: dict) -> None:
         raise ValueError(f"mm_projector_type {kind!r}: llava-hf has the mlp2x_gelu projector only")
 
 
+HF_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+
+
+def _read_config(folder: str, command: str) -> dict:
+    """A checkpoint folder's config.json, or a ValueError naming the folder (before anything is written)."""
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"{command}: {folder!r} is not a checkpoint folder (it has no config.json)")
+    return _read_json(config_file)
+
+
+def read_original_config(src: str) -> dict:
+    """The config of an original LLaVA checkpoint; a ValueError that says what ``src`` is otherwise (a
+    llava-hf folder, a vision tower, another model), checked before the projector or any tensor."""
+    config = _read_config(src, "to-hf")
+    model_type = config.get("model_type")
+    if model_type in TEXT_MODEL_TYPES:
+        return config
+    archs = config.get("architectures") or []
+    if any(a in HF_ARCHITECTURES for a in archs):
+        hint = "it is already a llava-hf folder (use to-llava to go back)"
+    elif "vision" in str(model_type):
+        hint = "it is a vision tower, not a LLaVA checkpoint"
+    else:
+        hint = "it is not an original LLaVA checkpoint"
+    raise ValueError(
+        f"to-hf: {src!r} has model_type {model_type!r} (architectures {archs}): {hint}; to-hf takes an original "
+        f"LLaVA checkpoint with model_type in {sorted(TEXT_MODEL_TYPES)}"
+    )
+
+
 def to_hf(src: str, dst: str, model_base: str | None = None) -> str:
     """An original LLaVA checkpoint (full, or projector-only on ``model_base``) -> a llava-hf folder."""
     from transformers import AutoConfig, LlavaConfig, LlavaNextConfig
 
-    config = _read_json(os.path.join(src, "config.json"))
+    config = read_original_config(src)
     _check_projector(config)
     projector_file = next((os.path.join(src, n) for n in PROJECTOR_FILES if os.path.isfile(os.path.join(src, n))), None)
     has_full = any(os.path.isfile(os.path.join(src, n)) for n in FULL_WEIGHT_FILES)
@@ -157,18 +189,85 @@ def to_hf(src: str, dst: str, model_base: str | None = None) -> str:
     if "visual_compression" in config:
         hf_config.visual_compression = config["visual_compression"]
 
-    os.makedirs(dst, exist_ok=True)
-    hf_config.save_pretrained(dst)
-    save_torch_state_dict({k: v.contiguous() for k, v in out.items()}, dst)
-    _write_processor(tokenizer_dir, tower_dir, dst, hf_config, config, anyres)
+    with output_folder(dst, "llava.convert to-hf", inputs=(src, model_base, tower_dir)) as staging:
+        hf_config.save_pretrained(staging)
+        save_torch_state_dict({k: v.contiguous() for k, v in out.items()}, str(staging))
+        _write_processor(tokenizer_dir, tower_dir, str(staging), hf_config, tower_config, config, anyres)
+        generation = os.path.join(tokenizer_dir, "generation_config.json")
+        if os.path.isfile(generation):
+            shutil.copy(generation, staging / "generation_config.json")
     return dst
 
 
-def _write_processor(tokenizer_dir: str, tower_dir: str, dst: str, hf_config, config: dict, anyres: bool) -> None:
-    """The tokenizer with ``<image>`` added (at ``image_token_id``) and the image processor's config."""
+# Chat templates for the converted processor, written from the conversation template the original LLaVA
+# uses for the checkpoint (``llava.model.builder.default_conv_mode``): ``processor.apply_chat_template``
+# then writes exactly the prompt ``llava.conversation`` writes (tests/test_convert_outputs.py holds them
+# equal). A message's content is a string or a list of {"type": "image"} / {"type": "text", "text": ...}
+# parts; an image part becomes "<image>\n" in front of the text, as the original's first turn.
+_CONTENT = (
+    "{%- macro content_of(message) -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+)
+CHAT_TEMPLATES = {
+    # SeparatorStyle.TWO: "SYSTEM USER: ... ASSISTANT: ...</s>USER: ... ASSISTANT:"
+    "vicuna_v1": _CONTENT + (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{{ content_of(messages[0]) + ' ' }}{%- set turns = messages[1:] -%}"
+        "{%- else -%}{{ SYSTEM + ' ' }}{%- set turns = messages -%}{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}{{ 'USER: ' + content_of(message) + ' ' }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + content_of(message) + '</s>' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    ),
+    # SeparatorStyle.LLAMA_2 with sep "" and sep2 "</s>": "[INST] ... [/INST] ... </s>[INST] ... [/INST]"
+    "mistral_instruct": _CONTENT + (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = content_of(messages[0]) -%}{%- set turns = messages[1:] -%}"
+        "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if loop.first and system -%}{{ '[INST] <<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content_of(message) + ' [/INST]' }}"
+        "{%- else -%}{{ '[INST] ' + content_of(message) + ' [/INST]' }}{%- endif -%}"
+        "{%- elif message['role'] == 'assistant' -%}{{ ' ' + content_of(message) + ' </s>' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+}
+
+
+def chat_template_for(config: dict) -> str:
+    """The Jinja chat template of an original checkpoint's conversation template."""
+    from ..conversation import conv_templates
+    from ..model.builder import default_conv_mode
+
+    mode = default_conv_mode(config)
+    if mode not in CHAT_TEMPLATES:
+        raise ValueError(f"no chat template for the conversation template {mode!r}; known: {sorted(CHAT_TEMPLATES)}")
+    system = conv_templates[mode].system.replace("\\", "\\\\").replace("'", "\\'")
+    return "{%- set SYSTEM = '" + system + "' -%}" + CHAT_TEMPLATES[mode]
+
+
+def _write_processor(tokenizer_dir: str, tower_dir: str, dst: str, hf_config, tower_config, config: dict,
+                     anyres: bool) -> None:
+    """What transformers' ``AutoProcessor`` needs to load the folder and write prompts as the original does:
+
+    - the tokenizer with ``<image>`` added (at ``image_token_id``), BOS added in front as the original
+      LLaVA's tokenizer does (``add_bos_token``), and a pad token (the original sets ``pad = unk``);
+    - ``preprocessor_config.json``: the image processor (LLaVA: pad to square; NeXT: the crop grid);
+    - ``processor_config.json``: patch size, feature strategy and the CLS token count, from which the
+      processor computes the placeholder count per image;
+    - ``chat_template.jinja``: the checkpoint's conversation template (``chat_template_for``).
+    """
     from transformers import CLIPImageProcessorPil
 
-    from ..model.tokenizer import load_tokenizer
+    from ..model.tokenizer import TOKENIZER_CONFIG, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
@@ -178,6 +277,14 @@ def _write_processor(tokenizer_dir: str, tower_dir: str, dst: str, hf_config, co
             f"not at the model's image_token_id {hf_config.image_token_id}"
         )
     tokenizer.save_pretrained(dst)
+    tokenizer_config_file = os.path.join(dst, TOKENIZER_CONFIG)
+    tokenizer_config = _read_json(tokenizer_config_file)
+    tokenizer_config.setdefault("add_bos_token", bool(getattr(tokenizer, "add_bos_token", True)))
+    tokenizer_config.setdefault("add_eos_token", bool(getattr(tokenizer, "add_eos_token", False)))
+    if not tokenizer_config.get("pad_token"):
+        tokenizer_config["pad_token"] = tokenizer_config.get("unk_token") or "<unk>"
+    with open(tokenizer_config_file, "w", encoding="utf-8") as handle:
+        json.dump(tokenizer_config, handle, indent=2, sort_keys=True, ensure_ascii=False)
     clip = CLIPImageProcessorPil.from_pretrained(tower_dir)
     settings = dict(
         size=dict(clip.size), crop_size=dict(clip.crop_size), image_mean=list(clip.image_mean),
@@ -190,14 +297,27 @@ def _write_processor(tokenizer_dir: str, tower_dir: str, dst: str, hf_config, co
     processor.update(settings)
     with open(os.path.join(dst, "preprocessor_config.json"), "w", encoding="utf-8") as handle:
         json.dump(processor, handle, indent=2)
+    has_cls = getattr(tower_config, "model_type", "clip_vision_model") == "clip_vision_model"
+    processor_config = {
+        "processor_class": "LlavaNextProcessor" if anyres else "LlavaProcessor",
+        "image_token": IMAGE_TOKEN,
+        "patch_size": int(tower_config.patch_size),
+        "vision_feature_select_strategy": hf_config.vision_feature_select_strategy,
+        "num_additional_image_tokens": int(has_cls),
+    }
+    with open(os.path.join(dst, "processor_config.json"), "w", encoding="utf-8") as handle:
+        json.dump(processor_config, handle, indent=2)
+    with open(os.path.join(dst, "chat_template.jinja"), "w", encoding="utf-8") as handle:
+        handle.write(chat_template_for(config))
 
 
 def to_llava(src: str, dst: str, projector_only: bool = False, tower_name: str = "vision-tower") -> str:
     """A llava-hf folder -> an original LLaVA checkpoint (or its projector only)."""
-    hf = _read_json(os.path.join(src, "config.json"))
+    hf = _read_config(src, "to-llava")
     archs = hf.get("architectures") or []
-    if not any(a in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration") for a in archs):
-        raise ValueError(f"{src!r} is not a llava-hf LLaVA / LLaVA-NeXT checkpoint (architectures {archs})")
+    if not any(a in HF_ARCHITECTURES for a in archs):
+        hint = " (it is an original LLaVA checkpoint: use to-hf)" if hf.get("model_type") in TEXT_MODEL_TYPES else ""
+        raise ValueError(f"to-llava: {src!r} is not a llava-hf LLaVA / LLaVA-NeXT checkpoint (architectures {archs}){hint}")
     if hf.get("projector_hidden_act", "gelu") != "gelu" or isinstance(hf.get("vision_feature_layer"), list):
         raise ValueError("only the gelu projector and a single vision_feature_layer map to an original checkpoint")
     text = dict(hf["text_config"])
@@ -247,21 +367,24 @@ def to_llava(src: str, dst: str, projector_only: bool = False, tower_name: str =
         config["image_grid_pinpoints"] = _transpose(hf["image_grid_pinpoints"])
     if hf.get("visual_compression"):
         config["visual_compression"] = hf["visual_compression"]
-    os.makedirs(dst, exist_ok=True)
-    with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2)
-    if projector_only:
-        projector = {k: v.contiguous() for k, v in out.items() if k.startswith("model.mm_projector.")}
-        from safetensors.torch import save_file
+    # a projector-only folder and a full checkpoint are different artifacts: neither is written over the other
+    command = "llava.convert to-llava --projector-only" if projector_only else "llava.convert to-llava"
+    with output_folder(dst, command, inputs=(src,)) as staging:
+        with open(staging / "config.json", "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
+        if projector_only:
+            projector = {k: v.contiguous() for k, v in out.items() if k.startswith("model.mm_projector.")}
+            from safetensors.torch import save_file
 
-        save_file(projector, os.path.join(dst, "mm_projector.safetensors"))
-        return dst
-    save_torch_state_dict({k: v.contiguous() for k, v in out.items()}, dst)
-    _write_tower(src, dst, tower_name, hf["vision_config"], tower)
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-    _drop_image_token(dst)
+            save_file(projector, str(staging / "mm_projector.safetensors"))
+            return dst
+        save_torch_state_dict({k: v.contiguous() for k, v in out.items()}, str(staging))
+        _write_tower(src, str(staging), tower_name, hf["vision_config"], tower)
+        for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                     "generation_config.json"):
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy(os.path.join(src, name), staging / name)
+        _drop_image_token(str(staging))
     return dst
 
 

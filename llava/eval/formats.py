@@ -28,8 +28,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from llava.mm_utils import to_rgb
-
 from .data_io import read_json, read_jsonl, read_tsv, require_fields
 from .scoring import MMBENCH_LETTERS, is_missing, mmbench_options, rotate
 
@@ -60,6 +58,15 @@ class ReaderOptions:
     lang: str = "en"  # MMBench: "cn" uses the Chinese letter hint
 
 
+def _to_rgb(image: Image.Image, source: str) -> Image.Image:
+    """``llava.mm_utils.to_rgb``, imported when an image is loaded: mm_utils imports the model (torch,
+    transformers), which ``python -m llava.eval.merge_answers`` and the scorers never need (every eval
+    script runs them once per setting; docs/architecture.md, "Test time")."""
+    from llava.mm_utils import to_rgb as convert
+
+    return convert(image, source)
+
+
 def _image_file_loader(folder: str | None, name: str, where: str) -> Callable[[], Image.Image]:
     path = Path(folder) / name if folder else Path(name)
 
@@ -67,7 +74,7 @@ def _image_file_loader(folder: str | None, name: str, where: str) -> Callable[[]
         if not path.is_file():
             raise FileNotFoundError(f"image {path} of {where} does not exist (check --image-folder)")
         with Image.open(path) as image:
-            return to_rgb(image, str(path))
+            return _to_rgb(image, str(path))
 
     return load
 
@@ -76,7 +83,7 @@ def _base64_loader(data: str, where: str) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
         try:
             with Image.open(BytesIO(base64.b64decode(data))) as image:
-                return to_rgb(image, where)
+                return _to_rgb(image, where)
         except (ValueError, OSError) as err:
             raise ValueError(f"{where}: the image column is not a base64-encoded image ({err})") from err
 

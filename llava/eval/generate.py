@@ -9,13 +9,18 @@
 - formats: ``vqa`` / ``science`` / ``mmbench`` / ``mmmu`` (``llava.eval.formats``); the LLaVA names
   ``python -m llava.eval.model_vqa_loader`` (vqa), ``model_vqa`` (vqa, long answers), ``model_vqa_science``,
   ``model_vqa_mmbench`` and ``model_vqa_mmmu`` are this command with the format preset.
-- compression: ``--compression none | METHOD:TOKENS | METHOD:key=value,...`` or ``--method M --budget B
-  --budget-family v1.5|v1.6`` (the paper's budgets, ``llava.eval.budgets``).
+- compression: ``--compression none | METHOD:TOKENS | METHOD:key=value,...``, or its alias in the paper's
+  terms ``--method M --budget B [--budget-family v1.5|v1.6]`` (totals per image: ``llava.eval.budgets``),
+  both parsed by ``llava.compression_args.compression_from_flags``.
 - batches of ``--batch-size`` questions, left-padded; ``--num-chunks/--chunk-idx`` shards the questions.
 - resumable: questions already in the answers file are skipped (a run cut short is simply run again);
   ``--overwrite`` starts afresh. Settings that change answers (model, compression, prompt, decoding)
   must match the ones recorded for the file, else the run stops instead of mixing answers.
-- ``<answers>.settings.json`` beside the answers records the settings, the counts and the timings.
+- ``<answers>.settings.json`` beside the answers records the settings, the counts and the timings; answers
+  whose settings record is gone are never resumed (``--overwrite``).
+- a prompt beyond the model's positions is never cut silently: ``--prompt-too-long error`` (default) stops
+  naming it, ``refuse`` answers it empty, ``truncate`` cuts it as the original LLaVA did; both are marked
+  in the answer, counted in the settings record and reported (``llava.preflight.check_prompts_fit``).
 """
 from __future__ import annotations
 
@@ -38,8 +43,15 @@ from .formats import EvalItem, QuestionFormat, ReaderOptions, get_format, read_i
 ANSWER_AFFECTING = (
     "model_path", "model_base", "conv_mode", "compression", "format", "question_file", "single_pred_prompt",
     "all_rounds", "lang", "temperature", "top_p", "num_beams", "max_new_tokens", "dtype", "num_chunks",
-    "chunk_idx",
+    "chunk_idx", "prompt_too_long",
 )
+
+# --prompt-too-long: what happens to a question whose prompt (visual tokens included) does not fit the
+# model's positions. Never a silent cut (the original LLaVA cut the question and "ASSISTANT:" away).
+PROMPT_TOO_LONG = ("error", "refuse", "truncate")
+# what an answer may carry besides its text (``answer_batch`` returns (text, new tokens, {note: reason})):
+# each is written into the answer line, counted in the settings record and reported when the shard ends
+ANSWER_NOTES = ("refused", "truncated")
 
 
 def read_existing_answers(answers_file: Path) -> list[dict]:
@@ -71,10 +83,15 @@ def read_existing_answers(answers_file: Path) -> list[dict]:
 
 
 def check_resumable(answers_file: Path, settings: dict) -> None:
-    """Refuse to add answers made with other answer-affecting settings to an existing answers file."""
+    """Refuse to add answers made with other answer-affecting settings to an existing answers file, and
+    to add any to answers whose settings record is gone (what made them is unknown)."""
     settings_file = settings_path_for(answers_file)
     if not settings_file.is_file():
-        return
+        raise ValueError(
+            f"{answers_file} holds answers but its settings record {settings_file} is missing, so the settings "
+            "they were made with are unknown and new answers could be mixed with them; use --overwrite to "
+            "start it again, or another --answers-file"
+        )
     previous = read_json(settings_file)
     settings = json.loads(json.dumps(settings))  # as stored: tuples read back as lists
     changed = {k: (previous.get(k), settings.get(k)) for k in ANSWER_AFFECTING if previous.get(k) != settings.get(k)}
@@ -122,8 +139,12 @@ def generate_answers(
     model_id: str = "",
     progress: bool = True,
 ) -> dict:
-    """Answer ``items`` not yet in ``answers_file`` with ``answer_batch`` (-> [(text, new tokens)]),
-    appending one json line per answer, and keep ``<answers>.settings.json`` up to date."""
+    """Answer ``items`` not yet in ``answers_file`` with ``answer_batch`` (-> [(text, new tokens) or
+    (text, new tokens, notes)]), appending one json line per answer, and keep ``<answers>.settings.json``
+    up to date. Notes (``ANSWER_NOTES``: ``{"refused": reason}`` for a question answered empty, which a
+    scorer counts wrong; ``{"truncated": reason}`` for one answered from a cut prompt) go into the answer
+    line and are counted in the record (``num_refused`` and ``refused``: question ids and reasons), which
+    says so when the shard completes."""
     answers_file = Path(answers_file)
     settings_file = settings_path_for(answers_file)
     answers_file.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +178,9 @@ def generate_answers(
         "generated_tokens": int(previous.get("generated_tokens", 0)),
         "resumed_from": len(done),
     }
+    for note in ANSWER_NOTES:  # recorded only when some answer has it (merge_answers compares the rest)
+        if previous.get(f"num_{note}"):
+            record.update({f"num_{note}": int(previous[f"num_{note}"]), note: list(previous.get(note, []))})
     write_json(settings_file, record)
 
     bar = tqdm(total=len(items), initial=len(done), desc=answers_file.name, disable=not progress,
@@ -168,7 +192,9 @@ def generate_answers(
             record["generation_seconds"] += time.perf_counter() - start
             if len(outputs) != len(batch):
                 raise RuntimeError(f"the model returned {len(outputs)} answers for a batch of {len(batch)}")
-            for item, (text, new_tokens) in zip(batch, outputs):
+            for item, output in zip(batch, outputs):
+                text, new_tokens, *rest = output
+                notes = rest[0] if rest else {}
                 answer = {
                     "question_id": item.question_id,
                     "prompt": item.prompt,
@@ -178,6 +204,12 @@ def generate_answers(
                     "metadata": {},
                     **item.extra,
                 }
+                for note, reason in notes.items():
+                    if note not in ANSWER_NOTES:
+                        raise RuntimeError(f"unknown answer note {note!r}; known: {ANSWER_NOTES}")
+                    answer[note] = reason
+                    record[f"num_{note}"] = record.get(f"num_{note}", 0) + 1
+                    record.setdefault(note, []).append({"question_id": item.question_id, "reason": reason})
                 out.write(json.dumps(answer, ensure_ascii=False) + "\n")
                 record["generated_tokens"] += int(new_tokens)
             out.flush()
@@ -186,6 +218,10 @@ def generate_answers(
             bar.update(len(batch))
     bar.close()
     record["status"] = "complete"
+    for note, what in (("refused", "refused, written with an empty answer"), ("truncated", "answered from a cut prompt")):
+        if record.get(f"num_{note}"):
+            print(f"{answers_file}: {record[f'num_{note}']} of {len(items)} questions {what} (see '{note}' in "
+                  f"{settings_file.name}); first: {record[note][0]}")
     record["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     write_json(settings_file, record)
     return record
@@ -196,7 +232,8 @@ class LlavaAnswerer:
 
     def __init__(self, model_path: str, model_base: str | None, conv_mode: str | None, compression, device: str,
                  dtype: str, temperature: float = 0.0, top_p: float | None = None, num_beams: int = 1,
-                 max_new_tokens: int = 128, seed: int = 0, compile: bool = False):
+                 max_new_tokens: int = 128, seed: int = 0, compile: bool = False,
+                 prompt_too_long: str = "error"):
         import torch
 
         from llava.conversation import conv_templates
@@ -206,6 +243,9 @@ class LlavaAnswerer:
 
         if conv_mode is not None and conv_mode not in conv_templates:
             raise ValueError(f"unknown --conv-mode {conv_mode!r}; known: {sorted(conv_templates)}")
+        if prompt_too_long not in PROMPT_TOO_LONG:
+            raise ValueError(f"--prompt-too-long must be one of {PROMPT_TOO_LONG}, got {prompt_too_long!r}")
+        self.prompt_too_long = prompt_too_long
         self.torch = torch
         self.device = resolve_device(device)
         self.dtype_name = resolve_dtype(dtype, self.device)
@@ -231,10 +271,46 @@ class LlavaAnswerer:
     def prompt_for(self, item: EvalItem) -> str:
         return self.processor.build_prompt(item.question, 1 if item.has_image else 0)
 
-    def __call__(self, batch: list[EvalItem]) -> list[tuple[str, int]]:
+    def __call__(self, batch: list[EvalItem]) -> list:
+        """[(answer, new tokens)] of the batch; a question whose prompt does not fit the model's positions
+        stops the run naming it (``--prompt-too-long error``), is answered empty with a ``refused`` note
+        (``refuse``), or is answered from the prompt cut as the original LLaVA cut it, with a ``truncated``
+        note (``truncate``: to reproduce the original's answers)."""
+        from llava.preflight import PromptTooLong
+
+        try:
+            return self.answer(batch)
+        except PromptTooLong as err:
+            ids = [batch[row].question_id for row in err.rows]
+            if self.prompt_too_long == "error":
+                raise ValueError(
+                    f"question(s) {ids}: {err}; or pass --prompt-too-long refuse (answered empty) or truncate "
+                    "(cut as the original LLaVA did), both counted"
+                ) from err
+            reasons = {
+                row: f"prompt too long: {err.positions[row]} positions (visual tokens included) > the model's "
+                     f"{err.limit}"
+                for row in err.rows
+            }
+        if self.prompt_too_long == "truncate":
+            answers = self.answer(batch, prompt_too_long="truncate")
+            return [(*answers[row], {"truncated": reasons[row]}) if row in reasons else answers[row]
+                    for row in range(len(batch))]
+        rest = [item for row, item in enumerate(batch) if row not in reasons]
+        answers = iter(self(rest) if rest else [])
+        return [("", 0, {"refused": reasons[row]}) if row in reasons else next(answers) for row in range(len(batch))]
+
+    def answer(self, batch: list[EvalItem], prompt_too_long: str = "error") -> list[tuple[str, int]]:
         torch = self.torch
         questions = [item.question for item in batch]
         images = [item.load_image() for item in batch] if batch[0].has_image else None
+        if images is not None:  # named by question, before any padding canvas or resize is made
+            from llava.mm_utils import check_image_geometry, processor_resize_side
+
+            aspect = getattr(self.model.config, "image_aspect_ratio", None)
+            for item, image in zip(batch, images):
+                check_image_geometry(image.size, aspect if aspect in ("pad", "anyres") else "square",
+                                     processor_resize_side(self.image_processor), f"question {item.question_id}")
         inputs = self.processor(questions, images)
         input_ids, width = inputs.input_ids.cpu(), inputs.input_ids.shape[1]
         kwargs = inputs.generate_kwargs()
@@ -249,6 +325,7 @@ class LlavaAnswerer:
                 pad_token_id=self.pad_id,
                 use_cache=True,
                 **kwargs,
+                **({} if prompt_too_long == "error" else {"prompt_too_long": prompt_too_long}),
             )
         if output_ids.shape[1] > width and torch.equal(output_ids[:, :width].cpu(), input_ids):
             output_ids = output_ids[:, width:]  # generate() returned the prompt too
@@ -285,6 +362,8 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def build_parser(default_format: str | None = None, default_max_new_tokens: int = 128,
                  prog: str = "python -m llava.eval.generate") -> argparse.ArgumentParser:
+    from visionzip.budgets import BUDGET_FAMILIES
+
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -313,16 +392,25 @@ def build_parser(default_format: str | None = None, default_max_new_tokens: int 
     parser.add_argument("--compression", default=None,
                         help="none | METHOD:TOKENS | METHOD:key=value,... (any registered method; TOKENS per "
                              "image, per view on LLaVA-NeXT)")
-    parser.add_argument("--method", default=None, help="a registered method (or none), with --budget")
+    # alias of --compression in the paper's terms (what the eval scripts pass): the same parser
+    # (llava.compression_args.compression_from_flags) turns --method/--budget into the per-view spec
+    parser.add_argument("--method", default=None,
+                        help="alias: a registered method (or none) with --budget, instead of --compression")
     parser.add_argument("--budget", default=None,
-                        help="total visual tokens per image (64; NeXT 160 = 5 views) or per-view settings")
-    parser.add_argument("--budget-family", default=None, choices=["v1.5", "v1.6"],
+                        help="with --method: total visual tokens per image (64; NeXT 160 = 5 views) or per-view "
+                             "settings")
+    parser.add_argument("--budget-family", default=None, choices=sorted(BUDGET_FAMILIES),
                         help="which budget family --budget refers to (default: the checkpoint's: anyres = v1.6)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="discard existing answers instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--prompt-too-long", default="error", choices=PROMPT_TOO_LONG,
+                        help="a question whose prompt (visual tokens included) does not fit the model's positions: "
+                             "error = stop naming it (default); refuse = write it with an empty answer; truncate = "
+                             "cut it as the original LLaVA did (to reproduce its answers); refused and truncated "
+                             "answers are marked, counted in the settings record and reported (never silent)")
     from llava.model.compiled import add_compile_argument
 
     add_compile_argument(parser)
@@ -354,18 +442,16 @@ def checkpoint_config(model_path: str, model_base: str | None = None) -> dict:
 
 
 def resolve_compression(args, image_aspect_ratio: str | None = None) -> tuple[object, dict]:
-    """The CompressionConfig and the budget description to record, from --compression or --method/--budget.
+    """The CompressionConfig and the budget description to record, from --compression or its alias
+    --method/--budget (one parser: ``llava.compression_args.compression_from_flags``).
 
     The budget family comes from the checkpoint (``image_aspect_ratio``: anyres = v1.6, 5 views per image);
     an explicit ``--budget-family`` that contradicts it is refused. What is recorded is what runs: the
     method's per-view settings, the views an image can have, and the visual tokens per image at most.
     """
-    from visionzip.config import CompressionConfig
+    from llava.compression_args import compression_from_flags
+    from visionzip.budgets import family_of
 
-    from .budgets import FAMILIES, family_of, resolve_budget
-
-    if args.compression is not None and args.method is not None:
-        raise ValueError("give either --compression or --method/--budget, not both")
     family = family_of(image_aspect_ratio) if image_aspect_ratio is not None else None
     if family and args.budget_family and args.budget_family != family:
         raise ValueError(
@@ -373,18 +459,16 @@ def resolve_compression(args, image_aspect_ratio: str | None = None) -> tuple[ob
             f"(image_aspect_ratio {image_aspect_ratio!r} = {family}); leave --budget-family out"
         )
     family = family or args.budget_family or "v1.5"
-    views = FAMILIES[family][0]
-    if args.method is not None:
-        run = resolve_budget(args.method, args.budget, family)
-        config, method, label = run.compression, run.method, run.label
-    else:
-        config = CompressionConfig.parse(args.compression or "none")
-        method, label = config.method, None
+    if args.method is None and args.budget is not None:
+        raise ValueError("--budget needs --method (or give --compression METHOD:TOKENS per view)")
+    spec = args.compression if args.compression is not None or args.method is not None else "none"
+    run = compression_from_flags(spec, method=args.method, budget=args.budget, family=family)
+    config = run.compression
     per_view = config.tokens_per_image if config.enabled else None
-    most = None if per_view is None else views * per_view
+    most = None if per_view is None else run.views * per_view
     return config, {
-        "method": method, "budget_label": label, "budget_family": family,
-        "image_aspect_ratio": image_aspect_ratio, "views_per_image_max": views,
+        "method": config.method, "budget_label": run.label, "budget_family": family,
+        "image_aspect_ratio": image_aspect_ratio, "views_per_image_max": run.views,
         "compression_per_view": config.spec() if config.enabled else "none",
         "visual_tokens_per_view": per_view, "visual_tokens": most, "max_visual_tokens_per_image": most,
     }
@@ -411,6 +495,10 @@ def main(argv=None, default_format: str | None = None, default_max_new_tokens: i
         options = ReaderOptions(args.image_folder, args.single_pred_prompt, args.all_rounds, args.lang)
         items = read_items(fmt, args.question_file, options, args.num_chunks, args.chunk_idx)
         device = resolve_device(args.device)
+        answers_file = Path(args.answers_file)
+        has_answers = answers_file.is_file() and answers_file.stat().st_size > 0
+        if not args.overwrite and has_answers and not settings_path_for(answers_file).is_file():
+            check_resumable(answers_file, {})  # answers without their settings record: refused before loading
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     settings = {
@@ -434,6 +522,7 @@ def main(argv=None, default_format: str | None = None, default_max_new_tokens: i
         "chunk_idx": args.chunk_idx,
         "seed": args.seed,
         "compile": args.compile,
+        "prompt_too_long": args.prompt_too_long,
         "device": device,
         "dtype": resolve_dtype(args.dtype, device),
         "host": platform.node(),
@@ -453,6 +542,7 @@ def main(argv=None, default_format: str | None = None, default_max_new_tokens: i
     answerer = LlavaAnswerer(
         args.model_path, args.model_base, args.conv_mode, compression, args.device, args.dtype,
         args.temperature, args.top_p, args.num_beams, args.max_new_tokens, args.seed, compile=args.compile,
+        prompt_too_long=args.prompt_too_long,
     )
     if args.conv_mode is None:  # config.json could not be read before loading: record the template that ran
         settings["conv_mode"] = answerer.conv_mode

@@ -24,8 +24,12 @@ from .data_io import (
 )
 from .formats import get_format
 
+# answer notes (refused / truncated questions, ``llava.eval.generate.ANSWER_NOTES``) are counted per shard and
+# summed in the merged record: shards that refused different questions were still made with the same settings
+NOTE_KEYS = ("num_refused", "refused", "num_truncated", "truncated")
 PER_SHARD = ("answers_file", "status", "num_questions", "num_answered", "started_at", "finished_at",
-             "generation_seconds", "generated_tokens", "resumed_from", "chunk_idx", "host", "cuda_visible_devices")
+             "generation_seconds", "generated_tokens", "resumed_from", "chunk_idx", "host", "cuda_visible_devices",
+             *NOTE_KEYS)
 
 
 def merge_answers(chunk_files: list, output) -> dict:
@@ -103,8 +107,13 @@ def merge_answers(chunk_files: list, output) -> dict:
         "num_answered": len(merged),
         "generation_seconds": sum(s.get("generation_seconds", 0.0) for _, s, _ in shards),
         "generated_tokens": sum(s.get("generated_tokens", 0) for _, s, _ in shards),
-        "shards": [{k: s.get(k) for k in PER_SHARD} for _, s, _ in shards],
+        "shards": [{k: s.get(k) for k in PER_SHARD if k not in NOTE_KEYS or s.get(k)} for _, s, _ in shards],
     }
+    for note in ("refused", "truncated"):  # written only when non-zero, as generate does
+        listed = [entry for _, s, _ in shards for entry in s.get(note) or []]
+        count = sum(s.get(f"num_{note}", 0) for _, s, _ in shards)
+        if count:
+            summary[f"num_{note}"], summary[note] = count, listed
     write_json(settings_path_for(output), summary)
     return summary
 

@@ -17,8 +17,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from visionzip.budgets import budget_family
+
 from .benchmarks import BENCHMARKS, get_benchmark
-from .budgets import FAMILIES, VANILLA_LABEL
+from .budgets import VANILLA_LABEL
 from .data_io import read_json
 
 VANILLA_METHODS = frozenset({"none"})
@@ -71,11 +73,11 @@ def _tokens_from(budget: str, generation: dict | None) -> tuple[int | None, str 
     tokens = (generation or {}).get("visual_tokens")
     if tokens is None:
         if budget == VANILLA_LABEL:
-            tokens = FAMILIES.get(family or "v1.5")[1]
+            tokens = budget_family(family or "v1.5").vanilla_tokens
         elif budget.isdigit():
             tokens = int(budget)
         elif "-" in budget and all(p.isdigit() for p in budget.split("-")):
-            crops = FAMILIES.get(family or "v1.5")[0]
+            crops = budget_family(family or "v1.5").views
             tokens = crops * sum(int(p) for p in budget.split("-"))
     return tokens, family
 

@@ -9,6 +9,7 @@ the language model actually received.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -18,9 +19,12 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from loguru import logger
 from tqdm import tqdm
 
+from llava.preflight import check_prompts_fit
+
 from .requests import (
     Generation,
     Prepared,
+    answer_with_refusals,
     check_model_args,
     compression_record,
     flatten_visuals,
@@ -28,15 +32,16 @@ from .requests import (
     group_batches,
     parse_batch_size,
     parse_compression,
+    parse_device,
+    parse_prompt_too_long,
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device: str | None) -> str:
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
+    """auto -> cuda when available, else cpu; ``device=cuda`` without CUDA is refused (``parse_device``)."""
+    return parse_device(device)
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -51,11 +56,13 @@ class _CompressedLMM(lmms):
     """What both models share: argument checks, batching, stop strings, the compression record."""
 
     MODEL = ""
-    COMMON_ARGS = ("pretrained", "compression", "device", "dtype", "batch_size", "max_batch_size", "max_new_tokens")
+    COMMON_ARGS = ("pretrained", "compression", "device", "dtype", "batch_size", "max_batch_size", "max_new_tokens",
+                   "prompt_too_long")
 
-    def __init__(self, batch_size=1, max_new_tokens: int = 128, max_batch_size=None):
+    def __init__(self, batch_size=1, max_new_tokens: int = 128, max_batch_size=None, prompt_too_long="error"):
         super().__init__()
         del max_batch_size  # lmms-eval's adaptive batching: fixed batch_size here
+        self.prompt_too_long = parse_prompt_too_long(prompt_too_long)
         self.batch_size_per_gpu = parse_batch_size(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         if self.max_new_tokens < 1:
@@ -84,9 +91,15 @@ class _CompressedLMM(lmms):
         for batch in batches:
             generation = generation_settings(batch[0].gen_kwargs, self.max_new_tokens)
             start = time.perf_counter()
-            texts, metrics = self.answer_batch([p.context for p in batch], [p.images for p in batch], generation)
+            texts, metrics = answer_with_refusals(
+                functools.partial(self.answer_batch, generation=generation),
+                [p.context for p in batch], [p.images for p in batch], self.prompt_too_long,
+            )
             elapsed = time.perf_counter() - start
             new_tokens = metrics.pop("new_tokens")
+            if metrics["refused_prompts"]:
+                logger.warning(f"{self.MODEL}: {metrics['refused_prompts']} prompt(s) of this batch do not fit the "
+                               "model's positions: answered empty (prompt_too_long=refuse)")
             for item, text in zip(batch, texts, strict=True):
                 answers[item.index] = generation.cut(text)
             log_metrics(
@@ -116,16 +129,18 @@ class VisionZipLlava(_CompressedLMM):
     model_args: pretrained (checkpoint folder), model_base (for LoRA / projector-only checkpoints),
     compression (a spec; absent = the checkpoint's own setting), conv_mode (default: the checkpoint's,
     ``llava.model.builder.default_conv_mode``: mistral_instruct for llava_mistral, else vicuna_v1), device, dtype (auto = float16 on CUDA, float32 otherwise), attn_implementation,
-    max_new_tokens (when the task sets none), batch_size (from lmms-eval's --batch_size).
+    max_new_tokens (when the task sets none), batch_size (from lmms-eval's --batch_size), prompt_too_long
+    (error | refuse: a prompt beyond the model's positions stops the run, or is answered empty and counted as
+    ``refused_prompts``; never cut silently). device=cuda without CUDA is refused.
     """
 
     MODEL = "visionzip_llava"
 
     def __init__(self, pretrained: str, compression=None, model_base=None, conv_mode: str | None = None,
                  device=None, dtype: str = "auto", attn_implementation=None, batch_size=1,
-                 max_new_tokens: int = 128, max_batch_size=None, **unknown):
+                 max_new_tokens: int = 128, max_batch_size=None, prompt_too_long="error", **unknown):
         check_model_args(self.MODEL, unknown, self.COMMON_ARGS + ("model_base", "conv_mode", "attn_implementation"))
-        super().__init__(batch_size, max_new_tokens, max_batch_size)
+        super().__init__(batch_size, max_new_tokens, max_batch_size, prompt_too_long)
         from llava.conversation import conv_templates
         from llava.model.builder import default_conv_mode, load_pretrained_model
         from llava.processor import LlavaProcessor
@@ -172,17 +187,19 @@ class VisionZipHF(_CompressedLMM):
     ``visionzip.apply_compression`` and prompted through ``visionzip.hf.compression_aware_processor`` (the
     ``<image>`` placeholders expand to the kept count).
 
-    model_args: pretrained (a llava-hf folder: model and processor), compression (a spec; absent = none),
-    device, dtype, max_new_tokens, batch_size. The prompt is the processor's chat template, or
+    model_args: pretrained (a llava-hf folder: model and processor), compression (a spec; absent = the
+    checkpoint's own, from its config.json),
+    device, dtype, max_new_tokens, batch_size, prompt_too_long (as visionzip_llava's). The prompt is the
+    processor's chat template, or
     ``USER: <image>\\n{question} ASSISTANT:`` (LLaVA-1.5's) when it has none.
     """
 
     MODEL = "visionzip_hf"
 
     def __init__(self, pretrained: str, compression=None, device=None, dtype: str = "auto", batch_size=1,
-                 max_new_tokens: int = 128, max_batch_size=None, **unknown):
+                 max_new_tokens: int = 128, max_batch_size=None, prompt_too_long="error", **unknown):
         check_model_args(self.MODEL, unknown, self.COMMON_ARGS)
-        super().__init__(batch_size, max_new_tokens, max_batch_size)
+        super().__init__(batch_size, max_new_tokens, max_batch_size, prompt_too_long)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         import visionzip
@@ -190,10 +207,13 @@ class VisionZipHF(_CompressedLMM):
 
         config = parse_compression(compression)
         self.device = resolve_device(device)
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            str(pretrained), dtype=resolve_dtype(dtype, self.device)
+        # the compression the checkpoint saved (config.json) is applied on load; a compression argument
+        # replaces it (absent: the checkpoint's own setting, as visionzip_llava)
+        self.model = visionzip.hf.from_pretrained(
+            str(pretrained), model_class=AutoModelForImageTextToText, dtype=resolve_dtype(dtype, self.device)
         ).to(self.device).eval()
-        visionzip.apply_compression(self.model, config)  # TypeError naming the supported classes
+        if config is not None:
+            visionzip.apply_compression(self.model, config)  # TypeError naming the supported classes
         self.compression = current_compression(self.model)
         processor = AutoProcessor.from_pretrained(str(pretrained))
         processor.tokenizer.padding_side = "left"  # batched generation continues every row from its end
@@ -221,8 +241,15 @@ class VisionZipHF(_CompressedLMM):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         width = inputs["input_ids"].shape[1]
         pad = self.tokenizer.pad_token_id
+        # the processor expanded each <image> to its kept tokens: the prompt's positions are its real tokens
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        positions = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else [width] * len(prompts)
+        kwargs = generation.generate_kwargs()
+        kwargs["max_new_tokens"] = check_prompts_fit(
+            positions, kwargs["max_new_tokens"], getattr(text_config, "max_position_embeddings", None)
+        )
         with torch.inference_mode():
-            output_ids = self.model.generate(**inputs, **generation.generate_kwargs(), pad_token_id=pad)
+            output_ids = self.model.generate(**inputs, **kwargs, pad_token_id=pad)
         output_ids = output_ids[:, width:]
         texts = [t.strip() for t in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
         metrics = {"new_tokens": _new_tokens(output_ids, pad, self.tokenizer.eos_token_id)}

@@ -7,8 +7,10 @@ task, split)`` (lmms-eval 0.7, ``lmms_eval.api.task.ConfigurableTask.construct_r
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
+from llava.preflight import PromptTooLong, check_device, check_generation_options
 from visionzip.config import CompressionConfig
 
 # generation_kwargs a task may set that we act on (others are refused: silently ignoring one would change
@@ -91,15 +93,80 @@ def generation_settings(gen_kwargs: dict | None, default_max_new_tokens: int) ->
         until = [until]
     if not isinstance(until, list) or not all(isinstance(s, str) for s in until):
         raise ValueError(f"generation_kwargs['until'] must be a string or a list of strings, got {until!r}")
-    max_new_tokens = int(gen_kwargs.get("max_new_tokens", default_max_new_tokens))
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    temperature = float(gen_kwargs.get("temperature") or 0.0)
+    # validated as the CLIs' options are (llava.preflight.check_generation_options): a temperature of -1 or
+    # nan, num_beams 0 or a top_p of 2 is refused by name, never decoded greedily instead
+    max_new_tokens = _number(gen_kwargs, "max_new_tokens", default_max_new_tokens, int)
+    temperature = _number(gen_kwargs, "temperature", 0.0, float)
+    num_beams = _number(gen_kwargs, "num_beams", 1, int)
+    top_p = _number(gen_kwargs, "top_p", None, float)
+    check_generation_options(temperature, top_p, num_beams, max_new_tokens)
     if gen_kwargs.get("do_sample") and temperature <= 0:
         raise ValueError("generation_kwargs do_sample=True needs a temperature > 0")
-    num_beams = int(gen_kwargs.get("num_beams") or 1)
-    top_p = gen_kwargs.get("top_p")
-    return Generation(max_new_tokens, until, temperature, None if top_p is None else float(top_p), num_beams)
+    return Generation(max_new_tokens, until, temperature, top_p, num_beams)
+
+
+def _number(gen_kwargs: dict, key: str, default, kind):
+    """``gen_kwargs[key]`` as ``kind`` (``default`` when absent or None); a string such as "0.2" (lmms-eval's
+    command line) is converted, anything else that is not a number is refused by name."""
+    value = gen_kwargs.get(key)
+    if value is None:
+        return default
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None:
+        raise ValueError(f"generation_kwargs['{key}'] must be a number, got {value!r}")
+    if kind is int:
+        if not math.isfinite(number) or number != int(number):
+            raise ValueError(f"generation_kwargs['{key}'] must be an integer, got {value!r}")
+        return int(number)
+    return number
+
+
+# model argument prompt_too_long: a request whose prompt (visual tokens included) does not fit the model's
+# positions stops the evaluation naming it (error), or is answered with an empty text, counted in the
+# results' throughput block (avg_refused_prompts) and logged (refuse). Never cut silently.
+PROMPT_TOO_LONG = ("error", "refuse")
+
+
+def parse_prompt_too_long(value) -> str:
+    text = str(value).strip().strip("\"'")
+    if text not in PROMPT_TOO_LONG:
+        raise ValueError(f"prompt_too_long must be one of {PROMPT_TOO_LONG}, got {value!r}")
+    return text
+
+
+def parse_device(device) -> str:
+    """The ``device`` model argument: auto/absent -> cuda when available, else cpu; a device that is not
+    there (``device=cuda`` without CUDA) is refused (``llava.preflight.check_device``) instead of running
+    on the CPU in float16."""
+    return check_device("auto" if device in (None, "") else str(device))
+
+
+def answer_with_refusals(answer, contexts: list, images: list, policy: str) -> tuple[list[str], dict]:
+    """``answer(contexts, images)`` -> (texts, metrics) under the prompt-length policy: a ``PromptTooLong``
+    raised for some rows stops the run (``error``) or leaves those rows an empty text (``refuse``); the
+    others are answered. metrics gains ``refused_prompts`` (how many of this batch were refused)."""
+    try:
+        texts, metrics = answer(contexts, images)
+        metrics["refused_prompts"] = 0
+        return texts, metrics
+    except PromptTooLong as err:
+        if policy == "error":
+            raise ValueError(f"{err}; or pass the model argument prompt_too_long=refuse to answer it empty, "
+                             "counted") from err
+        refused = set(err.rows)
+    rows = [row for row in range(len(contexts)) if row not in refused]
+    metrics = {"new_tokens": 0}
+    answered = iter([])
+    if rows:
+        texts, metrics = answer_with_refusals(
+            answer, [contexts[r] for r in rows], [images[r] for r in rows], policy
+        )
+        answered = iter(texts)
+    metrics["refused_prompts"] = metrics.get("refused_prompts", 0) + len(refused)
+    return ["" if row in refused else next(answered) for row in range(len(contexts))], metrics
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, BitsAndBytesConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import is_flash_attn_2_available
 
 from visionzip import CompressionConfig
@@ -89,8 +90,14 @@ def inspect_checkpoint(model_path: str) -> CheckpointInfo:
                     f"{model_path!r} is a LLaVA checkpoint with model_type {model_type!r}; supported: {LLAVA_MODEL_TYPES}"
                 )
             kind = "llava"
-        elif model_type in CONFIG_MAPPING:
+        elif model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             kind = "language_model"
+        elif model_type in CONFIG_MAPPING:
+            # e.g. the CLIP tower folder given as --model-path: refused here, not deep inside loading
+            raise ValueError(
+                f"{model_path!r} holds a {model_type!r} model, which is neither a LLaVA checkpoint nor a language "
+                "model: pass the LLaVA checkpoint folder (its config.json names the vision tower in mm_vision_tower)"
+            )
         else:
             raise ValueError(f"cannot tell what {model_path!r} holds: unknown model_type {model_type!r}")
     elif _first_existing(path, PROJECTOR_WEIGHTS):

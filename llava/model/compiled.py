@@ -52,6 +52,8 @@ import torch
 from torch._dynamo.exc import Unsupported
 from transformers import StaticCache
 
+from llava.preflight import check_prompts_fit, model_max_positions
+
 logger = logging.getLogger(__name__)
 
 # Prefill lengths are padded up to one of these (then to multiples of the largest).
@@ -271,6 +273,16 @@ class CompiledLlava:
         check_compilable(self.model)
         embeds, mask = self.prompt_embeddings(input_ids, images, image_sizes, attention_mask, host_input_ids,
                                               host_attention_mask)
+        # the prompt-length policy of every entry point (llava.preflight.check_prompts_fit), as the eager
+        # generate applies it: the spliced width is the longest prompt (capped at the cut the splice makes);
+        # only a prompt at the limit is counted exactly, and a prompt that leaves no room is refused by name
+        limit = model_max_positions(self.model.config)
+        if limit is not None:
+            positions = [embeds.shape[1]]
+            if positions[0] >= limit:
+                positions = self.model.prompt_positions(input_ids, images, image_sizes, attention_mask,
+                                                        host_input_ids, host_attention_mask)
+            max_new_tokens = check_prompts_fit(positions, max_new_tokens, limit)
         return self.generate_from_embeddings(
             embeds, mask, max_new_tokens, min_new_tokens, do_sample, temperature, top_p, eos_token_id, pad_token_id,
             stop_check_every,

@@ -284,26 +284,6 @@ class LlavaMetaForCausalLM(ABC):
         return out
 
     # ----- the multimodal splice ---------------------------------------------------------------
-    def prepare_inputs_labels_for_multimodal(
-        self,
-        input_ids,
-        position_ids,
-        attention_mask,
-        past_key_values,
-        labels,
-        images,
-        image_sizes=None,
-        padding_side: str | None = None,
-    ):
-        """The original LLaVA's signature, kept for callers and checkpoints' code: returns
-        ``(None, position_ids, attention_mask, past_key_values, inputs_embeds, labels)``. New code calls
-        ``splice_multimodal`` and gets a ``SplicedInputs``."""
-        vision_tower = self.get_vision_tower()
-        if vision_tower is None or images is None or input_ids.shape[1] == 1:
-            return input_ids, position_ids, attention_mask, past_key_values, None, labels
-        spliced = self.splice_multimodal(input_ids, images, image_sizes, attention_mask, position_ids, labels, padding_side)
-        return None, spliced.position_ids, spliced.attention_mask, past_key_values, spliced.inputs_embeds, spliced.labels
-
     def splice_multimodal(
         self, input_ids, images, image_sizes=None, attention_mask=None, position_ids=None, labels=None,
         padding_side: str | None = None, length: int | None = None, host_input_ids=None, host_attention_mask=None,

@@ -2,8 +2,10 @@
 
 - ``llava.toy.task``: scenes drawn in code, questions with exact one-word answers, LLaVA's training
   format and eval question format, and the majority-answer baseline;
-- ``llava.toy.model``: ``prepare_toy(ToySettings(...))`` trains the tiny LLaVA once through
-  ``llava.train.train`` and caches it under ``.cache/toy/<settings hash>/``;
+- ``llava.toy.clip``: the tower trained the way CLIP is (contrastive image-text pre-training on the scenes'
+  captions) and the [CLS] attention concentration per layer (VisionZip Fig. 2);
+- ``llava.toy.model``: ``prepare_toy(ToySettings(...))`` trains the tiny LLaVA once (tower, stage 1, stage 2
+  through ``llava.train.train``) and caches it under ``.cache/toy/<settings hash>/``;
 - ``llava.toy.evaluate``: accuracy of that model for any compression spec, through the eval engine
   (``llava.eval.generate``) and the GQA exact-match scorer (``llava.eval.scoring.score_gqa``).
 """

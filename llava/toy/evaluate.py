@@ -66,7 +66,10 @@ class ToyEvaluator:
         from llava.eval.scoring import score_gqa
 
         config = self.set_compression(spec)
-        answers_file = self.answers_dir / f"{(label or config.spec()).replace(':', '_').replace(',', '_')}.jsonl"
+        # named by the spec as asked (``pdrop:64`` -> pdrop_64.jsonl), the canonical short form; the full
+        # settings are in the answers' .settings.json
+        name = (label or spec).strip().replace(":", "_").replace(",", "_").replace("=", "-").replace("/", "-")
+        answers_file = self.answers_dir / f"{name}.jsonl"
         settings = {
             "model_path": self.model_path, "model_base": self.model_base, "conv_mode": "vicuna_v1",
             "compression": config.to_dict(), "format": "vqa", "question_file": str(self.toy.question_file),

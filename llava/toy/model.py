@@ -1,20 +1,22 @@
 """The toy LLaVA: a tiny LLaVA-1.5 in the real ViT-L/14-336 token geometry trained on the toy task.
 
-``prepare_toy(settings, cache_root)`` builds the random-weight base (``llava.model.tiny.build_tiny_llava``:
-a CLIP tower in ViT-L/14-336's token geometry, 336 px, patch 14, 576 patches + CLS, narrow and shallow;
-a tokenizer that knows the task's words), writes the training and held-out sets
-(``llava.toy.task``) and trains through the real entry point (``llava.train.train.train(*parse_arguments
-(argv))``), all under ``cache_root/<key>/`` where ``key`` hashes the settings: a second call with the same
-settings reuses the finished run and returns at once.
+``prepare_toy(settings, cache_root)`` follows LLaVA's recipe in miniature, all under ``cache_root/<key>/``
+where ``key`` hashes the settings (a second call with the same settings reuses the finished run):
 
-What trains: the language model and the projector (LLaVA's stage-2 "full fine-tuning"), with the vision
-tower frozen at its random initialisation, as LLaVA freezes its CLIP. A random pre-LN ViT is nearly the
-identity around its residual stream (its blocks add small updates to the patch embeddings), so the
-selected layer's patch features are a fixed random projection of each patch's pixels plus its position
-embedding: colour, and so coloured area, is linearly readable, which is what the task asks about.
-Training the tower too would multiply the cost of every step (backward through the tower at 577 tokens)
-for no accuracy the frozen tower does not already reach (see docs/toy_task.md); and a frozen tower keeps
-the compression methods' token scores (the tower's own attention) exactly those of the evaluated model.
+0. the random-weight base (``llava.model.tiny.build_tiny_llava``: a CLIP tower in ViT-L/14-336's token
+   geometry, 336 px, patch 14, 576 patches + CLS, narrow and shallow; a tokenizer that knows the task's
+   words) and the training and held-out sets (``llava.toy.task``);
+1. the vision tower (``settings.tower``): ``"clip"`` trains it the way CLIP is trained, contrastively
+   against a tiny text encoder on the scenes' captions (``llava.toy.clip``), starting from the base's
+   random tower; ``"random"`` keeps that random initialisation (the comparison the main job shows);
+2. LLaVA stage 1: the projector alone, tower and LLM frozen, on the scenes' captions with the ``plain``
+   template (LLaVA's feature-alignment pre-training);
+3. LLaVA stage 2: the language model and the projector (LLaVA's "full fine-tuning"), tower frozen, on the
+   question-answer conversations, starting from the stage-1 projector.
+
+Stages 2 and 3 run through the real entry point (``llava.train.train.train(*parse_arguments(argv))``).
+A frozen tower keeps the compression methods' token scores (the tower's own attention) exactly those of
+the evaluated model.
 """
 from __future__ import annotations
 
@@ -31,11 +33,12 @@ from pathlib import Path
 
 from llava.utils_io import atomic_write_text
 
-from .task import TASK_CORPUS, check_image_size, write_eval_set, write_train_set
+from .task import TASK_CORPUS, check_image_size, write_caption_set, write_eval_set, write_train_set
 
 # Bump when the task or the recipe changes in a way the settings do not show: old caches are then unused.
-TOY_FORMAT = 4
+TOY_FORMAT = 5  # 5: the contrastive tower, stage 1 on captions, 4-layer tower
 DONE = "toy_complete.json"
+TOWERS = ("clip", "random")
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,8 @@ class ToySettings:
     """Everything that decides the toy model; its hash names the cache folder."""
 
     seed: int = 0
-    train_images: int = 1600
-    eval_images: int = 240
+    train_images: int = 1280
+    eval_images: int = 180
     epochs: int = 4
     batch_size: int = 8
     learning_rate: float = 3e-3
@@ -53,8 +56,14 @@ class ToySettings:
     hidden: int = 64
     layers: int = 4
     vision_hidden: int = 32
-    vision_layers: int = 6
+    vision_layers: int = 4  # layer -2 (LLaVA's features, the methods' scores) and a last layer above it
     image_size: int = 336  # ViT-L/14-336's input (576 patches); the CI test trains a smaller geometry
+    tower: str = "clip"  # "clip": trained contrastively (llava.toy.clip); "random": its random initialisation
+    clip_steps: int = 80  # contrastive steps of the tower (tower="clip")
+    clip_batch_size: int = 32
+    clip_learning_rate: float = 2e-3
+    stage1_steps: int = 40  # LLaVA stage 1: projector-only steps on captions (0 skips the stage)
+    stage1_learning_rate: float = 1e-3  # LLaVA-1.5's stage-1 learning rate
 
     def __post_init__(self):
         for name in ("train_images", "eval_images", "epochs", "batch_size", "hidden", "layers", "vision_hidden"):
@@ -65,16 +74,29 @@ class ToySettings:
         if not isinstance(self.vision_layers, int) or self.vision_layers < 2:
             raise ValueError(f"ToySettings.vision_layers must be an integer >= 2 (features come from layer -2), "
                              f"got {self.vision_layers!r}")
-        for name in ("learning_rate", "projector_learning_rate"):
+        if self.tower not in TOWERS:
+            raise ValueError(f"ToySettings.tower must be one of {TOWERS}, got {self.tower!r}")
+        for name in ("clip_steps", "clip_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"ToySettings.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.stage1_steps, int) or self.stage1_steps < 0:
+            raise ValueError(f"ToySettings.stage1_steps must be an integer >= 0, got {self.stage1_steps!r}")
+        for name in ("learning_rate", "projector_learning_rate", "clip_learning_rate", "stage1_learning_rate"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"ToySettings.{name} must be in (0, 1), got {getattr(self, name)}")
 
     def key(self) -> str:
         """Hash of what decides the trained model (the held-out set's size does not: it has a folder of
         its own beside the model, so a larger evaluation reuses the trained model)."""
-        model_settings = {k: v for k, v in dataclasses.asdict(self).items() if k != "eval_images"}
+        model_settings = self.model_settings()
         payload = json.dumps({"format": TOY_FORMAT, **model_settings}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def model_settings(self) -> dict:
+        """The settings that decide the trained model (those of the other tower's training are left out
+        of a random tower's, so they do not split its cache)."""
+        unused = {"eval_images"} | ({"clip_steps", "clip_batch_size", "clip_learning_rate"} if self.tower == "random" else set())
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
 
 
 @dataclass(frozen=True)
@@ -90,6 +112,7 @@ class ToyModel:
     train_losses: list
     settings: ToySettings
     cached: bool
+    record: dict = dataclasses.field(default_factory=dict)  # toy_complete.json: stages' seconds and losses
 
 
 def default_toy_cache() -> Path:
@@ -175,12 +198,91 @@ def _copy_tower(base: Path, checkpoint: Path) -> None:
         atomic_write_text(config_file, json.dumps(config, indent=2))
 
 
+def weights_digest(*folders: Path | str) -> str:
+    """A hash of the weight files (``*.safetensors``, ``*.bin``) under ``folders``, tower folders included:
+    what a cache of the model's answers must be keyed on besides the settings and the code, so that
+    answers of replaced weights (another projector, another tower) are never reused."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        folder = Path(folder)
+        # training_args.bin is the Trainer's pickled arguments, not weights
+        files = sorted(f for pattern in ("*.safetensors", "*.bin") for f in folder.rglob(pattern)
+                       if f.name != "training_args.bin")
+        if not files:
+            raise ValueError(f"{folder} holds no weight files (*.safetensors, *.bin)")
+        for path in files:
+            digest.update(str(path.relative_to(folder)).encode() + b"\0")
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def install_tower(base: Path, tower, target: Path) -> Path:
+    """A copy of the LLaVA checkpoint ``base`` at ``target`` whose vision tower is ``tower`` (a
+    ``CLIPVisionModel`` of the same shape): the tower folder (``TOWER_DIR``) and the tower's copy inside
+    ``model.safetensors`` (what ``from_pretrained`` loads) are both replaced. Written in a staging folder
+    and renamed: a complete checkpoint or none."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from llava.model.tiny import TOWER_DIR
+
+    staging = Path(tempfile.mkdtemp(prefix=".tower-", dir=target.parent))
+    try:
+        shutil.copytree(base, staging, dirs_exist_ok=True)
+        tower_dir = staging / TOWER_DIR
+        (tower_dir / "model.safetensors").unlink()
+        tower.save_pretrained(tower_dir)
+        weights = load_file(staging / "model.safetensors")
+        prefix = "model.vision_tower.vision_tower.vision_model."
+        trained = {k: v for k, v in tower.state_dict().items() if not k.endswith("position_ids")}
+        stored = {k[len(prefix):] for k in weights if k.startswith(prefix)}
+        if stored != set(trained):
+            raise ValueError(f"the tower's parameters {sorted(set(trained) ^ stored)[:4]} differ from {base}'s")
+        weights.update({prefix + k: v.detach().contiguous() for k, v in trained.items()})
+        save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _contrastive_tower(base: Path, folder: Path, settings: ToySettings, printer) -> tuple[Path, dict]:
+    """Train the base's random tower contrastively (``llava.toy.clip``) and install it into
+    ``folder/base-clip``; returns that checkpoint and the training record (cached)."""
+    from transformers import CLIPVisionModel
+
+    from llava.model.tiny import TOWER_DIR
+
+    from .clip import ClipSettings, train_clip_tower
+
+    target = folder / "base-clip"
+    record_file = folder / "clip_tower.json"
+    if target.is_dir() and record_file.is_file():
+        return target, json.loads(record_file.read_text())
+    tower = CLIPVisionModel.from_pretrained(base / TOWER_DIR, attn_implementation="sdpa")
+    clip = ClipSettings(steps=settings.clip_steps, batch_size=settings.clip_batch_size,
+                        learning_rate=settings.clip_learning_rate)
+    printer(f"toy tower: contrastive image-text pre-training of the {settings.vision_layers}-layer tower "
+            f"({clip.steps} steps of {clip.batch_size} captioned scenes, InfoNCE)", flush=True)
+    training = train_clip_tower(tower, clip, settings.seed, printer=printer, every=max(1, clip.steps // 5))
+    printer(f"  caption retrieval on 64 held-out scenes: {training.retrieval:.1f} % (chance {training.chance:.1f} %)",
+            flush=True)
+    if target.exists():
+        shutil.rmtree(target)  # an unfinished install of this run's own key (no record yet)
+    install_tower(base, tower, target)
+    record = {"seconds": training.seconds, "losses": training.losses, "retrieval": training.retrieval,
+              "chance": training.chance}
+    atomic_write_text(record_file, json.dumps(record, indent=1))
+    return target, record
+
+
 def prepare_toy(settings: ToySettings | None = None, cache_root: Path | str | None = None,
                 printer=print) -> ToyModel:
     """The trained toy model for ``settings`` (default ``ToySettings()``), trained once into
     ``cache_root/<settings.key()>/`` and reused afterwards."""
-    import time
-
     settings = settings or ToySettings()
     root = Path(cache_root) if cache_root is not None else default_toy_cache()
     folder = (root / settings.key()).resolve()
@@ -195,32 +297,68 @@ def prepare_toy(settings: ToySettings | None = None, cache_root: Path | str | No
     if done.is_file():
         record = json.loads(done.read_text())
         return ToyModel(folder, checkpoint, *eval_paths, record["train_seconds"], record["losses"], settings,
-                        cached=True)
+                        cached=True, record=record)
+
+    from llava.utils_io import FileLock
+
+    # one process trains a given toy model: a second one fails here, naming the first, instead of redrawing
+    # the images the first is training on
+    with FileLock(folder / ".toy.lock", what=f"the toy model {folder}"):
+        return _train_toy(settings, folder, data, held_out, checkpoint, done, eval_paths, printer)
+
+
+def _train_toy(settings: ToySettings, folder: Path, data: Path, held_out: Path, checkpoint: Path, done: Path,
+               eval_paths: tuple, printer) -> ToyModel:
+    import time
 
     from llava.model.tiny import build_tiny_llava
 
+    if done.is_file():  # finished by the process that held the lock before
+        record = json.loads(done.read_text())
+        return ToyModel(folder, checkpoint, *eval_paths, record["train_seconds"], record["losses"], settings,
+                        cached=True, record=record)
     base = Path(build_tiny_llava(str(folder / "base"), version="v1.5", seed=settings.seed, hidden=settings.hidden,
                                  layers=settings.layers, vision_hidden=settings.vision_hidden,
                                  vision_layers=settings.vision_layers, image_size=settings.image_size,
                                  extra_corpus=TASK_CORPUS))
+    record: dict = {"settings": settings.model_settings()}
+    if settings.tower == "clip":
+        base, record["clip"] = _contrastive_tower(base, folder, settings, printer)
     printer(f"toy task: drawing {settings.train_images} training scenes into {data}", flush=True)
-    train_json = write_train_set(str(data), settings.train_images, settings.seed, settings.image_size)
+    train_json = write_train_set(str(data), settings.train_images, settings.seed, settings.image_size,
+                                 progress=lambda n: printer(f"  {n}/{settings.train_images} scenes", flush=True))
+    tower_words = "contrastively trained" if settings.tower == "clip" else "random"
+    extra = []
+    if settings.stage1_steps:
+        captions_json = write_caption_set(str(data), settings.train_images, settings.seed, settings.image_size)
+        stage1 = folder / "stage1"
+        printer(f"LLaVA stage 1: the projector alone on captions ({settings.stage1_steps} steps; {tower_words} "
+                f"tower and LLM frozen) through llava.train.train", flush=True)
+        start = time.perf_counter()
+        stage1_settings = dataclasses.replace(settings, learning_rate=settings.stage1_learning_rate,
+                                              projector_learning_rate=settings.stage1_learning_rate, warmup_ratio=0.0)
+        result, _summary = run_training(
+            train_argv(str(base), captions_json, str(data / "images"), str(stage1), stage1_settings,
+                       "--version", "plain", "--tune_mm_mlp_adapter", "True", "--max_steps", str(settings.stage1_steps)),
+            "stage 1", every=max(1, settings.stage1_steps // 4))
+        record["stage1"] = {"seconds": time.perf_counter() - start, "losses": result.losses}
+        extra = ["--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.bin")]
     steps = total_steps(settings)
-    printer(f"toy model: training the LLM and projector ({settings.layers} layers, hidden {settings.hidden}; "
-            f"{settings.vision_layers}-layer tower frozen) for {steps} steps through llava.train.train", flush=True)
+    printer(f"LLaVA stage 2: the LLM and projector ({settings.layers} layers, hidden {settings.hidden}; "
+            f"{settings.vision_layers}-layer {tower_words} tower frozen) for {steps} steps through llava.train.train",
+            flush=True)
     start = time.perf_counter()
     result, summary = run_training(
-        train_argv(str(base), train_json, str(data / "images"), str(checkpoint), settings),
-        "toy training", every=max(1, steps // 10),
+        train_argv(str(base), train_json, str(data / "images"), str(checkpoint), settings, *extra),
+        "stage 2", every=max(1, steps // 10),
     )
     for line in summary:
         printer(line)
     seconds = time.perf_counter() - start
     _copy_tower(base, checkpoint)
-    model_settings = {k: v for k, v in dataclasses.asdict(settings).items() if k != "eval_images"}
-    atomic_write_text(done, json.dumps({"settings": model_settings, "train_seconds": seconds,
-                                        "losses": result.losses, "steps": result.global_step}, indent=1))
-    return ToyModel(folder, checkpoint, *eval_paths, seconds, result.losses, settings, cached=False)
+    record.update({"train_seconds": seconds, "losses": result.losses, "steps": result.global_step})
+    atomic_write_text(done, json.dumps(record, indent=1))
+    return ToyModel(folder, checkpoint, *eval_paths, seconds, result.losses, settings, cached=False, record=record)
 
 
 @dataclass(frozen=True)

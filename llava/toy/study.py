@@ -1,32 +1,38 @@
-"""The toy study, the README's main job: a tiny LLaVA trained on the procedural task, and its accuracy
-against visual tokens per method.
+"""The toy study, the README's main job: a tiny LLaVA trained on the procedural task the way LLaVA is
+trained (a CLIP-like tower, stage 1, stage 2), and its accuracy against visual tokens per method, next to
+the same LLaVA on a random tower.
 
-    python -m llava.toy [--questions 60 --tune-steps 8]        # bash scripts/demo.sh runs this
+    python -m llava.toy [--tower both|clip|random --questions 60 --tune-steps 8]   # bash scripts/demo.sh runs this
 
-1. The toy model (``llava.toy``, docs/toy_task.md): a tiny LLaVA-1.5 in the real ViT-L/14-336 token
-   geometry (576 patches + CLS; a narrow, shallow tower) trained on a procedural visual task (shapes on
-   cluttered backgrounds; "How many shapes are there?", "What colour is the shape?", "Is the shape in the
-   top or the bottom half?") through the real
-   training entry point; trained once, then reused from ``.cache/toy/``.
-2. Accuracy against visual tokens: held-out questions answered by the eval engine
+1. The toy models (``llava.toy``, docs/toy_task.md): a tiny LLaVA-1.5 in the real ViT-L/14-336 token
+   geometry (576 patches + CLS; a narrow, shallow tower) on a procedural visual task (shapes on cluttered
+   backgrounds: how many, which colour, which half), twice: with a tower trained contrastively on the
+   scenes' captions (``llava.toy.clip``, as CLIP is) and with that tower's random initialisation; each
+   through LLaVA's stage 1 (projector on captions) and stage 2 (LLM + projector on questions) with the
+   real training entry point; trained once, then reused from ``.cache/toy/``.
+2. The [CLS] attention's concentration per tower layer (VisionZip Fig. 2): the share held by the top 1 /
+   5 / 10 % of the patches, trained against random tower (``cls_attention.{md,png}``).
+3. Accuracy against visual tokens per tower: held-out questions answered by the eval engine
    (``llava.eval.generate``) and scored by exact match (``llava.eval.scoring.score_gqa``), vanilla (576)
    and every registered method at 192 / 128 / 64 / 32 / 16 tokens (``METHOD:TOKENS``; a budget the method
-   cannot take is shown as n/a with its reason): a markdown table and ``accuracy_vs_tokens.png``.
-3. The kept tokens of VisionZip and VisPruner on one of the held-out images (``visionzip_tokens.png``).
-4. VisionZip‡ in miniature: the projector alone tuned with VisionZip 64 in the forward, through the
-   same entry point, and its accuracy at 64 tokens against the training-free VisionZip 64.
-5. Answering time per question at 64 tokens: medians over interleaved repeats after a warm-up, with
-   the range.
+   cannot take is n/a with its reason), with VisionZip‡ (the projector alone tuned with VisionZip 64 in
+   the forward): tables per tower and per question type, and ``accuracy_vs_tokens.png``.
+4. The kept tokens of VisionZip, VisPruner, random and downsample (where registered) on one held-out image,
+   per tower (``kept_tokens.png``).
+5. Answering time per question at 64 tokens on the trained tower: medians over interleaved repeats after
+   a warm-up, with the range.
 
-Answers are kept under ``<output-dir>/answers/<toy model>-<held-out set>-code<hash>/`` and reused by later
-runs of the same code (the hash covers the methods, the model and the eval engine: changed code answers
-afresh); ``--reanswer`` regenerates them anyway.
+Answers are kept under ``<output-dir>/answers/<toy model>-<held-out set>-code<hash>-weights<hash>/`` and
+reused by later runs of the same code on the same weights (the code hash covers the methods, the model and
+the eval engine; the weights hash the checkpoint's weight files, tower included); ``--reanswer``
+regenerates them anyway.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -47,6 +53,8 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # the kernels hub notes that offline mode skips a publisher check, for a kernel the toy never uses
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def say(*parts, **kwargs) -> None:
@@ -75,30 +83,49 @@ def answering_code_key() -> str:
     return digest.hexdigest()[:8]
 
 
+def answers_folder(output: Path, toy, model_path: Path | None = None) -> Path:
+    """Where the answers of ``toy`` (or of the checkpoint ``model_path`` on it) are kept: named by the
+    toy model, the held-out set, the answering code and the weights (``weights_digest``: a replaced
+    projector or tower is answered afresh, whatever the settings say)."""
+    from llava.toy.model import weights_digest
+
+    weights = weights_digest(*([model_path] if model_path is not None else []), toy.model_path)
+    name = f"{toy.folder.name}-{toy.question_file.parent.name}-code{answering_code_key()}-weights{weights}"
+    return Path(output) / "answers" / name
+
+
 # ------------------------------------------------------------------------------------------- accuracy
 def accuracy_rows(evaluator, methods: list[str], budgets=BUDGETS, printer=say) -> tuple[dict, dict, dict]:
     """Accuracy (%) per method and budget. Returns (vanilla score, {method: {tokens: ToyScore | None}},
     {method: reason a budget is n/a}). A method that refuses a budget (ValueError from its settings or
-    the tower's check) gets None there and its reason."""
-    start = time.perf_counter()
+    the tower's check) gets None there and its reason. One progress line per setting (the accuracies go
+    to the table, once)."""
+    total = 1 + len(methods) * len(budgets)
+    done = 0
+
+    def progress(spec: str, score) -> None:
+        nonlocal done
+        done += 1
+        how = "n/a" if score is None else ("reused" if score.seconds == 0 else f"answered in {score.seconds:.0f} s")
+        printer(f"  [{done}/{total}] {spec}: {how}")
+
     vanilla = evaluator.evaluate("none", label="vanilla")
-    printer(f"  vanilla ({vanilla.visual_tokens} tokens): {vanilla.accuracy:.1f} %  [{time.perf_counter() - start:.0f} s]")
+    progress("vanilla", vanilla)
     table: dict[str, dict] = {}
     reasons: dict[str, str] = {}
     for method in methods:
-        start = time.perf_counter()
         row = {}
         for tokens in budgets:
+            spec = f"{method}:{tokens}"
             try:  # the method's and the model's checks: a budget it cannot take is n/a, with the reason
-                evaluator.set_compression(f"{method}:{tokens}")
+                evaluator.set_compression(spec)
             except (ValueError, NotImplementedError) as err:
                 row[tokens] = None
-                reasons.setdefault(method, f"{method}:{tokens}: {err}")
+                reasons.setdefault(method, f"{spec}: {err}")
             else:  # anything failing from here on is an error, not a refused budget
-                row[tokens] = evaluator.evaluate(f"{method}:{tokens}")
+                row[tokens] = evaluator.evaluate(spec)
+            progress(spec, row[tokens])
         table[method] = row
-        cells = " ".join(f"{t}:{'n/a' if s is None else f'{s.accuracy:.1f}'}" for t, s in row.items())
-        printer(f"  {method:<10} {cells}  [{time.perf_counter() - start:.0f} s]")
     return vanilla, table, reasons
 
 
@@ -132,39 +159,145 @@ def by_type_table(vanilla, table: dict, tokens: int = TIMING_TOKENS, extra: list
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(vanilla, table: dict, majority: float, path: Path, budgets=BUDGETS, dagger=None) -> Path:
+def plot_accuracy(groups: list[tuple[str, object, dict, float | None]], majority: float, path: Path,
+                  budgets=BUDGETS, dagger_tokens: int = TIMING_TOKENS) -> Path:
+    """One panel per tower: each method's accuracy against its visual tokens, vanilla (all 576) as a
+    dashed line, the majority answer dotted; ``groups``: (title, vanilla, table, VisionZip‡ accuracy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5))
-    ticks = sorted((*budgets, vanilla.visual_tokens))
-    ax.axhline(vanilla.accuracy, color="black", linestyle="--", linewidth=1,
-               label=f"vanilla ({vanilla.visual_tokens} tokens)")
-    ax.axhline(majority, color="grey", linestyle=":", linewidth=1, label="majority answer (no image)")
-    for method, row in table.items():
-        points = [(t, s.accuracy) for t, s in sorted(row.items()) if s is not None]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=method)
-    if dagger is not None:
-        ax.plot([TIMING_TOKENS], [dagger], marker="*", markersize=14, linestyle="none", color="crimson",
-                label="VisionZip‡ (projector tuned at 64)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel("visual tokens per image")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("Toy LLaVA: accuracy against visual tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not over them
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups) + 2, 5), sharey=True, squeeze=False)
+    ticks = sorted(budgets)
+    for ax, (title, vanilla, table, dagger) in zip(axes[0], groups):
+        ax.axhline(vanilla.accuracy, color="black", linestyle="--", linewidth=1,
+                   label=f"vanilla (all {vanilla.visual_tokens} tokens)")
+        ax.axhline(majority, color="grey", linestyle=":", linewidth=1, label="majority answer (no image)")
+        for index, (method, row) in enumerate(table.items()):
+            points = [(t, s.accuracy) for t, s in sorted(row.items()) if s is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=method, linestyle="-" if index < 10 else "--")
+        if dagger is not None:
+            ax.plot([dagger_tokens], [dagger], marker="*", markersize=14, linestyle="none", color="crimson",
+                    label=f"VisionZip‡ (projector tuned at {dagger_tokens})")
+        ax.set_xscale("log", base=2)
+        # the budgets only: vanilla's 576 is the dashed line, not a tick that would leave the right third empty
+        ax.set_xlim(min(ticks) / 1.2, max(ticks) * 1.2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("visual tokens per image")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out accuracy (%)")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves
+    fig.suptitle("Toy LLaVA: accuracy against visual tokens")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as temporary:  # a complete plot or none under that name
+    with atomic_write(path) as temporary:  # a complete picture or none under that name
         fig.savefig(temporary, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------- tower diagnostics
+def load_tower(toy):
+    """The toy model's (frozen) vision tower and its image processor, from the checkpoint's tower folder."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel
+
+    from llava.model.tiny import TOWER_DIR
+
+    folder = toy.model_path / TOWER_DIR
+    return (CLIPVisionModel.from_pretrained(folder, attn_implementation="sdpa").eval(),
+            CLIPImageProcessorPil.from_pretrained(folder))
+
+
+def held_out_pixels(evaluator, processor, count: int):
+    import torch
+
+    images = [item.load_image() for item in evaluator.items[:count]]
+    return torch.cat([processor(images=image, return_tensors="pt")["pixel_values"] for image in images])
+
+
+def plot_concentration(rows: list[tuple[str, list[dict]]], path: Path) -> Path:
+    """Share of the [CLS] attention held by the top 1 / 5 / 10 % of the patches, per layer, per tower."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llava.toy.clip import TOP_SHARES
+
+    fig, axes = plt.subplots(1, len(TOP_SHARES), figsize=(4.2 * len(TOP_SHARES), 3.8), sharey=True)
+    for ax, top in zip(axes, TOP_SHARES):
+        for name, shares in rows:
+            ax.plot(range(1, len(shares) + 1), [layer[top] for layer in shares], marker="o", label=name)
+        ax.axhline(top, color="grey", linestyle=":", linewidth=1, label="uniform attention")
+        ax.set_xticks(range(1, len(rows[0][1]) + 1))
+        ax.set_xlabel("tower layer (layer -2 feeds LLaVA)")
+        ax.set_title(f"top {top} % of the patches")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of [CLS] attention (%)")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle("[CLS] attention concentration (VisionZip Fig. 2): trained against random tower")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+PICTURED_METHODS = ("visionzip", "vispruner", "random", "downsample")
+
+
+def kept_positions(tower, pixel_values, spec: str) -> tuple[list[int], list[int]]:
+    """(kept patches, patches standing for merged tokens) of a vision-side method on one image, from the
+    tokens it returns (``CompressedTokens.keep_indices`` / ``merged_indices``), patch numbers 0..575."""
+    from visionzip import CompressionConfig
+    from visionzip.compress import compress
+
+    out = compress(tower, pixel_values, CompressionConfig.parse(spec))
+    offset = int(out.has_cls)
+    kept = [int(i) - offset for i in out.keep_indices[0].tolist() if int(i) >= offset]
+    merged = [] if out.merged_indices is None else [int(i) - offset for i in out.merged_indices[0].tolist() if int(i) >= offset]
+    return kept, merged
+
+
+def plot_kept_tokens(image, rows: list[tuple[str, list[tuple[str, list, list]]]], patches_per_side: int,
+                     tokens: int, path: Path) -> Path:
+    """One row per tower, one panel per method: kept patches bright, dropped ones dimmed, the patches that
+    stand for merged tokens tinted blue. ``rows``: (tower, [(title, kept, merged)])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    size = image.size[0]
+    columns = max(len(panels) for _, panels in rows)
+    # constrained layout keeps each title above its own image (tight_layout let the bottom row's titles
+    # hide behind the top row's images)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(3.3 * columns, 3.9 * len(rows)), squeeze=False,
+                             layout="constrained")
+    for axes_row, (tower, panels) in zip(axes, rows):
+        for ax in axes_row:
+            ax.axis("off")
+        for ax, (title, kept, merged) in zip(axes_row, panels):
+            overlay = np.zeros((patches_per_side, patches_per_side, 4))
+            overlay[..., 3] = 0.7
+            for p in kept:
+                overlay[divmod(p, patches_per_side)] = (0, 0, 0, 0)
+            for p in merged:
+                overlay[divmod(p, patches_per_side)] = (0.1, 0.4, 1.0, 0.75)
+            ax.imshow(image)
+            ax.imshow(overlay, extent=(0, size, size, 0), interpolation="nearest")
+            ax.set_title(f"{tower} tower\n{title}", fontsize=9)
+    fig.suptitle(f"Visual tokens kept at {tokens}: bright = kept patches, dimmed = dropped, blue = merged tokens' positions")
+    return _save(fig, path)
 
 
 # -------------------------------------------------------------------------------------------- timings
@@ -186,105 +319,189 @@ def timing_rows(evaluator, specs: list[str], batch_size: int, repeats: int) -> l
 
 
 # ----------------------------------------------------------------------------------------------- main
+TOWER_TITLES = {"clip": "trained tower (contrastive, CLIP-like)", "random": "random tower"}
+
+
+def describe_training(toy) -> str:
+    """One line per stage of a toy model: what ran, how long it took, its loss."""
+    s, record = toy.settings, toy.record
+    if toy.cached:
+        return f"  model {toy.model_path} (reused from an earlier run)"
+    lines = [f"  model {toy.model_path} (trained now)"]
+    if "clip" in record:
+        clip = record["clip"]
+        lines.append(f"  tower: {len(clip['losses'])} contrastive steps in {clip['seconds']:.0f} s, loss "
+                     f"{loss_span(clip['losses'])}; caption retrieval {clip['retrieval']:.1f} % (chance {clip['chance']:.1f} %)")
+    if "stage1" in record:
+        lines.append(f"  stage 1: {len(record['stage1']['losses'])} steps in {record['stage1']['seconds']:.0f} s, "
+                     f"loss {loss_span(record['stage1']['losses'])}")
+    lines.append(f"  stage 2: {s.train_images} scenes x {s.epochs} epochs, batch {s.batch_size}, in "
+                 f"{toy.train_seconds:.0f} s, loss {loss_span(toy.train_losses)}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/toy", help="where the tables, plots and answers go")
     parser.add_argument("--cache-dir", default=None, help="where the toy model is trained (default .cache/toy/)")
+    parser.add_argument("--tower", choices=("both", "clip", "random"), default="both",
+                        help="the toy LLaVA's vision tower: contrastively trained (clip), its random initialisation "
+                             "(random), or both as two row groups (default)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per timing (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
     parser.add_argument("--tune-steps", type=int, default=100, help="VisionZip‡ projector-tuning steps (0 skips)")
     parser.add_argument("--reanswer", action="store_true", help="regenerate answers kept from earlier runs")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
+                        help="visual-token budgets per image, comma-separated (default %(default)s)")
     parser.add_argument("--questions", type=int, default=None,
-                        help="held-out questions (default: the toy settings', 240); the model is the same")
+                        help="held-out questions (default: the toy settings', 180); the model is the same")
     args = parser.parse_args(argv)
     for name in ("repeats", "batch_size", "questions"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.tune_steps < 0:
         parser.error(f"--tune-steps must be >= 0, got {args.tune_steps}")
+    try:
+        budgets = tuple(int(b) for b in args.budgets.split(","))
+    except ValueError:
+        parser.error(f"--budgets must be comma-separated integers, got {args.budgets!r}")
+    if not budgets or min(budgets) < 1:
+        parser.error(f"--budgets must be positive integers, got {args.budgets!r}")
+    # the budget of the per-type table, VisionZip‡, the pictures and the timings: 64 where it is asked
+    focus = TIMING_TOKENS if TIMING_TOKENS in budgets else budgets[len(budgets) // 2]
     quiet_libraries()
 
     import torch
 
     from llava.toy import QUESTION_TYPES, ToySettings, majority_baseline, prepare_toy
+    from llava.toy.clip import cls_attention_shares, shares_table
     from llava.toy.evaluate import ToyEvaluator
     from llava.toy.model import tune_projector
-    from visionzip import registered_methods
-    from visionzip.demo import compression_demo
+    from visionzip import get_method, registered_methods
 
     began = time.perf_counter()
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    towers = ("clip", "random") if args.tower == "both" else (args.tower,)
 
-    say("== 1. The toy model: a tiny LLaVA-1.5 (ViT-L/14-336 geometry) trained on a procedural task ==")
-    settings = ToySettings() if args.questions is None else ToySettings(eval_images=args.questions)
-    toy = prepare_toy(settings, cache_root=args.cache_dir, printer=say)
-    s = toy.settings
-    how = "reused from an earlier run" if toy.cached else "trained now"
-    say(f"model {toy.model_path} ({how}; training took {toy.train_seconds:.0f} s): {s.train_images} scenes x "
-        f"{s.epochs} epoch(s), batch {s.batch_size}, loss {loss_span(toy.train_losses)}")
-    answers_dir = output / "answers" / f"{toy.folder.name}-{toy.question_file.parent.name}-code{answering_code_key()}"
-    if args.reanswer and answers_dir.exists():
-        shutil.rmtree(answers_dir)
-    reused = len(list(answers_dir.glob("*.jsonl"))) if answers_dir.exists() else 0
-    evaluator = ToyEvaluator(toy, answers_dir, batch_size=args.batch_size)
-    majority = majority_baseline(str(toy.annotation_file))
-    say(f"held-out set: {len(evaluator.items)} questions, an equal share each of {', '.join(QUESTION_TYPES)}; "
+    say("== 1. The toy models: a tiny LLaVA-1.5 (ViT-L/14-336 geometry) trained on a procedural task, "
+        f"on the {' and the '.join(TOWER_TITLES[t] for t in towers)} ==")
+    toys, evaluators = {}, {}
+    for tower in towers:
+        settings = ToySettings(tower=tower) if args.questions is None else ToySettings(tower=tower, eval_images=args.questions)
+        say(f"-- {TOWER_TITLES[tower]} --")
+        toys[tower] = toy = prepare_toy(settings, cache_root=args.cache_dir, printer=say)
+        say(describe_training(toy))
+        answers_dir = answers_folder(output, toy)
+        if args.reanswer and answers_dir.exists():
+            shutil.rmtree(answers_dir)
+        reused = len(list(answers_dir.glob("*.jsonl"))) if answers_dir.exists() else 0
+        if reused:
+            say(f"  ({reused} answer files of these weights and this code in {answers_dir} are reused; "
+                "--reanswer regenerates them)")
+        evaluators[tower] = ToyEvaluator(toy, answers_dir, batch_size=args.batch_size)
+    first = evaluators[towers[0]]
+    majority = majority_baseline(str(toys[towers[0]].annotation_file))
+    say(f"held-out set: {len(first.items)} questions, an equal share each of {', '.join(QUESTION_TYPES)}; "
         f"majority-answer baseline {majority:.1f} %")
 
+    say("\n== 2. [CLS] attention concentration per tower layer (VisionZip Fig. 2), on 16 held-out images ==")
+    concentration = []
+    for tower in towers:
+        model, processor = load_tower(toys[tower])
+        concentration.append((TOWER_TITLES[tower], cls_attention_shares(model, held_out_pixels(evaluators[tower], processor, 16))))
+    shares = shares_table(concentration)
+    atomic_write_text(output / "cls_attention.md", shares)
+    say(shares + f"figure: {plot_concentration(concentration, output / 'cls_attention.png')}")
+
     methods = registered_methods()
-    say(f"\n== 2. Accuracy against visual tokens: vanilla and {len(methods)} methods "
-        f"({', '.join(methods)}) ==")
-    if reused:
-        say(f"  ({reused} answer files from earlier runs in {answers_dir} are reused; --reanswer regenerates them)")
-    vanilla, table, reasons = accuracy_rows(evaluator, methods)
-
-    dagger_accuracy = None
-    extra_rows, extra_scores = [], []
-    if args.tune_steps:
-        say(f"\n== 3. VisionZip‡: projector-only tuning with VisionZip {TIMING_TOKENS} in the forward ==")
-        tuning = tune_projector(toy, f"visionzip:{TIMING_TOKENS}", steps=args.tune_steps, printer=say)
-        tuned = ToyEvaluator(toy, answers_dir / f"visionzip-dagger-{tuning.run_dir.name}", batch_size=args.batch_size,
-                             model_path=tuning.run_dir, model_base=toy.model_path)
-        score = tuned.evaluate(f"visionzip:{TIMING_TOKENS}")
-        before = table.get("visionzip", {}).get(TIMING_TOKENS)
-        dagger_accuracy = score.accuracy
-        gain = f"{score.accuracy - before.accuracy:+.1f} points" if before is not None else "n/a"
-        say(f"  {tuning.steps} steps ({'reused' if tuning.cached else f'{tuning.seconds:.0f} s'}), loss "
-            f"{loss_span(tuning.losses)}; accuracy at {TIMING_TOKENS} tokens: VisionZip "
-            f"{before.accuracy if before else float('nan'):.1f} % -> VisionZip‡ {score.accuracy:.1f} % ({gain})")
-        extra_rows.append(("visionzip‡ (projector tuned at 64)", {TIMING_TOKENS: f"{score.accuracy:.1f}"}))
-        extra_scores.append(("visionzip‡", score))
-        del tuned
-
-    markdown = markdown_table(vanilla, table, reasons, majority, len(evaluator.items), extra_rows=extra_rows)
-    markdown += "\nPer question type:\n\n" + by_type_table(vanilla, table, extra=extra_scores)
-    atomic_write_text(output / "accuracy_vs_tokens.md", markdown)
-    plot = plot_accuracy(vanilla, table, majority, output / "accuracy_vs_tokens.png", dagger=dagger_accuracy)
-    say("\n" + markdown)
+    say(f"\n== 3. Accuracy against visual tokens: vanilla and {len(methods)} methods ({', '.join(methods)}) ==")
+    markdown, groups = "", []
+    for tower in towers:
+        toy, evaluator = toys[tower], evaluators[tower]
+        say(f"-- {TOWER_TITLES[tower]} --")
+        vanilla, table, reasons = accuracy_rows(evaluator, methods, budgets)
+        extra_rows, extra_scores, dagger = [], [], None
+        if args.tune_steps:
+            tuning = tune_projector(toy, f"visionzip:{focus}", steps=args.tune_steps, printer=say)
+            tuned = ToyEvaluator(toy, answers_folder(output, toy, tuning.run_dir) / "visionzip-dagger",
+                                 batch_size=args.batch_size, model_path=tuning.run_dir, model_base=toy.model_path)
+            score = tuned.evaluate(f"visionzip:{focus}")
+            dagger = score.accuracy
+            say(f"  VisionZip‡: {tuning.steps} projector-only steps at {focus} tokens "
+                f"({'reused' if tuning.cached else f'{tuning.seconds:.0f} s'}), loss {loss_span(tuning.losses)}")
+            extra_rows.append((f"visionzip‡ (projector tuned at {focus})", {focus: f"{score.accuracy:.1f}"}))
+            extra_scores.append(("visionzip‡", score))
+            del tuned
+        markdown += (f"\n### {TOWER_TITLES[tower]}\n\n"
+                     + markdown_table(vanilla, table, reasons, majority, len(evaluator.items), budgets, extra_rows)
+                     + "\nPer question type:\n\n" + by_type_table(vanilla, table, focus, extra_scores))
+        groups.append((TOWER_TITLES[tower], vanilla, table, dagger))
+    atomic_write_text(output / "accuracy_vs_tokens.md", markdown.lstrip())
+    plot = plot_accuracy(groups, majority, output / "accuracy_vs_tokens.png", budgets, focus)
+    say(markdown)
     say(f"table: {output / 'accuracy_vs_tokens.md'}; plot: {plot}")
 
-    say("\n== 4. The visual tokens VisionZip and VisPruner keep on a held-out image (the toy model's tower) ==")
-    image = evaluator.items[0].load_image()
-    tower = evaluator.model.get_vision_tower()
-    compression_demo(tower.vision_tower, tower.image_processor, image, output / "visionzip_tokens.png",
-                     repeats=args.repeats)
+    pictured = [m for m in PICTURED_METHODS if m in methods and get_method(m).stage != "llm"]
+    missing = [m for m in PICTURED_METHODS if m not in pictured]
+    say(f"\n== 4. The visual tokens {', '.join(pictured)} keep at {focus} on a held-out image, per tower ==")
+    if missing:
+        say(f"  ({', '.join(missing)}: not a registered vision-side method here, so not pictured)")
+    image, rows = first.items[0].load_image(), []
+    for tower in towers:
+        model, processor = load_tower(toys[tower])
+        pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+        panels = []
+        with torch.no_grad():
+            for method in pictured:
+                kept, merged = kept_positions(model, pixels, f"{method}:{focus}")
+                panels.append((f"{method}:{focus} ({len(kept)} kept, {len(merged)} merged)", kept, merged))
+        rows.append((tower, panels))
+    side = int(model.config.image_size) // int(model.config.patch_size)
+    picture = plot_kept_tokens(image.resize((int(model.config.image_size),) * 2), rows, side, focus, output / "kept_tokens.png")
+    say(f"figure: {picture}")
 
-    usable = [m for m in methods if table[m].get(TIMING_TOKENS) is not None]
-    specs = ["none"] + [f"{m}:{TIMING_TOKENS}" for m in usable]
+    evaluator = first
+    specs = ["none"] + [f"{m}:{focus}" for m in methods if _usable(evaluator, f"{m}:{focus}")]
     batch = min(8, len(evaluator.items))
-    say(f"\n== 5. Answering time at {TIMING_TOKENS} visual tokens: a batch of {batch} questions, median of "
-        f"{args.repeats} interleaved rounds after a warm-up (range in brackets) ==")
+    say(f"\n== 5. Answering time at {focus} visual tokens ({TOWER_TITLES[towers[0]]}): a batch of {batch} "
+        f"questions, median of {args.repeats} interleaved rounds after a warm-up (range in brackets) ==")
     with torch.inference_mode():
-        rows = timing_rows(evaluator, specs, batch, args.repeats)
-    base = rows[0][1].median
+        timings = timing_rows(evaluator, specs, batch, args.repeats)
+    base = timings[0][1].median
     say(f"{'setting':<16} {'per batch':>10} {'range':>17} {'per question':>13} {'vs vanilla':>11}")
-    for spec, m in rows:
+    for spec, m in timings:
         label = f"vanilla ({evaluator.num_patches})" if spec == "none" else spec
         say(f"{label:<16} {m.median * 1e3:>8.0f}ms [{min(m.times) * 1e3:>6.0f}-{max(m.times) * 1e3:>6.0f}ms] "
             f"{m.median / batch * 1e3:>11.1f}ms {base / m.median:>10.2f}x")
+
+    say("\n== Ask the toy model yourself: it was trained on each question followed by LLaVA-1.5's short-answer "
+        "hint, so give it that prompt, as here ==")
+    say(run_llava_command(toys[towers[0]]))
     say(f"\nmain job finished in {time.perf_counter() - began:.0f} s")
     return 0
+
+
+def _usable(evaluator, spec: str) -> bool:
+    try:
+        evaluator.set_compression(spec)
+    except (ValueError, NotImplementedError):
+        return False
+    finally:
+        evaluator.model.set_visual_compression(None)
+    return True
+
+
+def run_llava_command(toy) -> str:
+    """The ``llava.eval.run_llava`` command line that asks the toy model its first held-out question
+    exactly as it was trained (the question, a newline, the short-answer hint)."""
+    import json
+
+    with open(toy.question_file, encoding="utf-8") as handle:
+        record = json.loads(handle.readline())
+    return (f"python -m llava.eval.run_llava --model-path {toy.model_path} --image-file "
+            f"{toy.image_folder / record['image']} --device cpu --temperature 0 --max_new_tokens 8 "
+            f"--query {shlex.quote(record['text'])}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from llava.utils_io import atomic_write_text
+from llava.utils_io import atomic_write, atomic_write_text
 
 IMAGE_SIZE = 336
 COLOURS = {
@@ -87,8 +87,8 @@ def shape_size(image_size: int) -> int:
 
 
 def check_image_size(image_size: int) -> None:
-    if not isinstance(image_size, int) or image_size < 56 or image_size % 14:
-        raise ValueError(f"image_size must be a multiple of the 14 px patch and >= 56 (3 shapes must fit), "
+    if not isinstance(image_size, int) or image_size < 112 or image_size % 14:
+        raise ValueError(f"image_size must be a multiple of the 14 px patch and >= 112 (3 shapes side by side must fit in a half), "
                          f"got {image_size!r}")
 
 
@@ -163,13 +163,42 @@ def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, st
     return questions
 
 
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """A caption from the scene's facts: the count and colour ("two red shapes"), which shapes ("a red
+    square and a red circle"), the half ("in the top half"), the phrases in a random order."""
+    count = len(scene.objects)
+    colour = scene.objects[0].colour
+    kinds = {}
+    for obj in scene.objects:
+        kinds[obj.shape] = kinds.get(obj.shape, 0) + 1
+    shapes = " and ".join(
+        f"{'a' if n == 1 else NUMBER_WORDS[n]} {colour} {shape if n == 1 else shape + 's'}"
+        for shape, n in sorted(kinds.items()))
+    phrases = [f"{NUMBER_WORDS[count]} {colour} {'shape' if count == 1 else 'shapes'}", shapes,
+               f"in the {scene.half} half"]
+    rng.shuffle(phrases)
+    return " ".join(phrases)
+
+
 # The task's own words for the toy tokenizer (``build_tiny_llava(extra_corpus=...)``): every question,
 # every answer, a few times, so that BPE makes each colour name and number one piece.
 TASK_CORPUS = "\n".join(
     [f"{q}\n{SHORT_ANSWER} {a}" for q in ("How many shapes are there?",) for a in ("1", "2", "3")]
     + [f"What colour {v}? {c}. A {c} square and a {c} circle." for c in COLOURS for v in ("is the shape", "are the shapes")]
     + [f"{v} in the top or the bottom half? {h}" for v in ("Is the shape", "Are the shapes") for h in HALVES]
+    + [f"{n} {c} shapes and a {c} square and {n} {c} circles in the {h} half" for n in NUMBER_WORDS.values()
+       for c in COLOURS for h in HALVES]  # the captions of the contrastive tower and of LLaVA stage 1
 ) * 4 + "\n"
+
+
+def save_image(image: Image.Image, path: str) -> None:
+    """A PNG written whole or not at all (a run killed while drawing left a truncated PNG that the next
+    training read as a bad sample)."""
+    with atomic_write(path) as temporary:
+        image.save(temporary, format="PNG")
 
 
 def _check_count(name: str, value: int) -> None:
@@ -177,9 +206,10 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def write_train_set(folder: str, num_images: int, seed: int, image_size: int = IMAGE_SIZE) -> str:
+def write_train_set(folder: str, num_images: int, seed: int, image_size: int = IMAGE_SIZE, progress=None) -> str:
     """``folder/images/train_*.png`` and ``folder/train.json`` (LLaVA's conversation format: each scene's
-    questions as one conversation, the image in the first turn); returns the JSON path."""
+    questions as one conversation, the image in the first turn); returns the JSON path. ``progress``:
+    called with the number of scenes drawn so far, at every tenth (drawing 1280 scenes takes minutes)."""
     _check_count("num_images", num_images)
     check_image_size(image_size)
     images = os.path.join(folder, "images")
@@ -189,7 +219,7 @@ def write_train_set(folder: str, num_images: int, seed: int, image_size: int = I
     for i in range(num_images):
         scene = make_scene(rng.randrange(2**31), image_size)
         name = f"train_{i:05d}.png"
-        scene.image().save(os.path.join(images, name))
+        save_image(scene.image(), os.path.join(images, name))
         conversations = []
         for turn, (_kind, question, answer) in enumerate(scene_questions(scene, rng)):
             # the short-answer hint after every question, as LLaVA's VQA training data and the eval prompt
@@ -201,7 +231,29 @@ def write_train_set(folder: str, num_images: int, seed: int, image_size: int = I
                 {"from": "gpt", "value": answer},
             ]
         records.append({"id": f"toy-train-{i}", "image": name, "conversations": conversations})
+        if progress is not None and (i + 1) % max(1, num_images // 10) == 0:
+            progress(i + 1)
     return atomic_write_text(os.path.join(folder, "train.json"), json.dumps(records, indent=1))
+
+
+def write_caption_set(folder: str, num_images: int, seed: int, image_size: int = IMAGE_SIZE) -> str:
+    """LLaVA stage 1's data for the training scenes of ``write_train_set`` (same seed: the same images,
+    which must be drawn already): ``folder/captions.json``, one ``plain``-template sample per scene
+    (the image alone, then its ``caption``); returns the JSON path."""
+    _check_count("num_images", num_images)
+    check_image_size(image_size)
+    rng = random.Random(f"train-{seed}")
+    captions = random.Random(f"captions-{seed}")
+    records = []
+    for i in range(num_images):
+        scene = make_scene(rng.randrange(2**31), image_size)
+        scene_questions(scene, rng)  # the same draws as write_train_set: the same scenes in turn
+        name = f"train_{i:05d}.png"
+        if not os.path.isfile(os.path.join(folder, "images", name)):
+            raise ValueError(f"{name} is missing in {folder}/images: write_train_set first")
+        records.append({"id": f"toy-caption-{i}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene, captions)}]})
+    return atomic_write_text(os.path.join(folder, "captions.json"), json.dumps(records, indent=1))
 
 
 def write_eval_set(folder: str, num_images: int, seed: int, image_size: int = IMAGE_SIZE) -> tuple[str, str]:
@@ -219,7 +271,7 @@ def write_eval_set(folder: str, num_images: int, seed: int, image_size: int = IM
         scene = make_scene(rng.randrange(2**31), image_size)
         kind, question, answer = next(q for q in scene_questions(scene, rng) if q[0] == wanted)
         name = f"eval_{i:05d}.png"
-        scene.image().save(os.path.join(images, name))
+        save_image(scene.image(), os.path.join(images, name))
         qid = f"toy-{i:05d}"
         questions.append({"question_id": qid, "image": name, "text": f"{question}\n{SHORT_ANSWER}",
                           "category": kind})

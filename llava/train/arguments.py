@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import transformers
 
+from llava.compression_args import compression_from_flags
 from visionzip import CompressionConfig
+from visionzip.budgets import family_of
 
 BAD_SAMPLE_POLICIES = ("skip", "error")
-# LLaVA-NeXT (anyres) budgets count the base image and four crops.
-ANYRES_VIEWS = 5
 
 
 @dataclass
@@ -74,16 +74,23 @@ class CompressionArguments:
         metadata={"help": "none | METHOD (with --visual_tokens) | METHOD:TOKENS | METHOD:key=value,... "
                           "(any registered method, e.g. visionzip:64, fastv:tokens=64,layer=2)"},
     )
-    dominant: int | None = field(default=None, metadata={"help": "VisionZip dominant tokens per image/crop"})
-    contextual: int | None = field(default=None, metadata={"help": "VisionZip contextual tokens per image/crop"})
+    # the aliases below parse into the same spec as --compression (llava.compression_args.compression_from_flags)
+    dominant: int | None = field(
+        default=None, metadata={"help": "alias: with --compression visionzip, its dominant tokens per image/crop"}
+    )
+    contextual: int | None = field(
+        default=None, metadata={"help": "alias: with --compression visionzip, its contextual tokens per image/crop"}
+    )
     visual_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "the paper's budget: tokens per image for LLaVA-1.5 (192/128/64), the total over the 5 "
-            "views for LLaVA-NeXT anyres (640/320/160)"
+            "help": "alias: with --compression METHOD, the paper's budget: tokens per image for LLaVA-1.5 "
+            "(192/128/64), the total over the views of a LLaVA-NeXT anyres image (640/320/160)"
         },
     )
-    important_ratio: float | None = field(default=None, metadata={"help": "VisPruner: share of important tokens"})
+    important_ratio: float | None = field(
+        default=None, metadata={"help": "alias: with --compression vispruner, its share of important tokens"}
+    )
     anyres_layout: str = field(default="official", metadata={"help": "official or spatial (LLaVA-NeXT only)"})
 
 
@@ -145,42 +152,18 @@ class TrainingArguments(transformers.TrainingArguments):
 def build_compression_config(args: CompressionArguments, image_aspect_ratio: str | None) -> CompressionConfig:
     """The ``CompressionConfig`` the command line asks for; a ValueError names any inconsistent value.
 
-    ``--compression SPEC`` (``METHOD:TOKENS`` per image/view, ``METHOD:key=value,...``) gives everything;
-    ``--compression METHOD`` takes a budget from ``--visual_tokens`` (per image for LLaVA-1.5, over the 5
-    views for LLaVA-NeXT anyres, split by the method's own paper rule) and/or the method's settings from
-    ``--dominant/--contextual/--important_ratio``.
+    ``--compression SPEC`` (``METHOD:TOKENS`` per image/view, ``METHOD:key=value,...``) gives everything.
+    The aliases (``llava.compression_args``): ``--compression METHOD`` with a paper budget ``--visual_tokens``
+    (per image for LLaVA-1.5, over the views of a LLaVA-NeXT anyres image: ``visionzip.budgets``) and/or the
+    method's settings ``--dominant/--contextual/--important_ratio``.
     """
-    from llava.eval.budgets import family_of, resolve_budget
-
     spec = args.compression.strip()
-    settings = {k: v for k, v in (("dominant", args.dominant), ("contextual", args.contextual),
-                                  ("important_ratio", args.important_ratio)) if v is not None}
-    if ":" in spec or "," in spec:
-        if settings or args.visual_tokens is not None:
-            raise ValueError(
-                f"--compression {spec!r} already gives the budget; drop --dominant/--contextual/--important_ratio/"
-                "--visual_tokens"
-            )
-        return CompressionConfig.parse(spec, anyres_layout=args.anyres_layout)
-    if spec in ("none", "vanilla", ""):
-        if settings or args.visual_tokens is not None:
-            raise ValueError(
-                "--dominant/--contextual/--important_ratio/--visual_tokens need --compression METHOD"
-            )
-        return CompressionConfig(anyres_layout=args.anyres_layout)
+    settings = {"dominant": args.dominant, "contextual": args.contextual, "important_ratio": args.important_ratio}
     family = family_of(image_aspect_ratio)
-    views = ANYRES_VIEWS if family == "v1.6" else 1
-    budget = None
-    if args.visual_tokens is not None:
-        budget = resolve_budget(spec, args.visual_tokens, family).compression
-    elif not settings:
-        raise ValueError(f"--compression {spec} needs --visual_tokens (or the method's settings)")
-    if settings:
-        explicit = CompressionConfig(spec, **{**(budget.settings.to_dict() if budget else {}), **settings})
-        if budget is not None and explicit.tokens_per_image != budget.tokens_per_image:
-            raise ValueError(
-                f"--visual_tokens {args.visual_tokens} does not match the settings {settings} "
-                f"(= {explicit.tokens_per_image * views}{' over 5 views' if views > 1 else ''})"
-            )
-        budget = explicit
-    return CompressionConfig(budget.method, budget.settings, anyres_layout=args.anyres_layout)
+    if ":" in spec or "," in spec:
+        return compression_from_flags(
+            spec, budget=args.visual_tokens, settings=settings, family=family, anyres_layout=args.anyres_layout
+        ).compression
+    return compression_from_flags(
+        method=spec, budget=args.visual_tokens, settings=settings, family=family, anyres_layout=args.anyres_layout
+    ).compression

@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 FINISHED_MARKER = "training_complete.json"
 RUN_RECORD = "llava_run.json"
+# held (llava.utils_io.FileLock: host and pid) by the main process of a run for its whole length, so that
+# a second run into the same folder fails at once naming the holder instead of both writing mixed files
+TRAINING_LOCK = ".llava_train.lock"
 # Files a finished LLaVA run leaves at the top of its output directory (ours or the original's).
 FINAL_WEIGHTS = (
     "mm_projector.bin",
@@ -337,9 +340,38 @@ def files_written_since(output_dir: str, since: float) -> list[str]:
     names = []
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        if os.path.isfile(path) and os.path.getmtime(path) >= since - 1.0 and name != FINISHED_MARKER:
+        if os.path.isfile(path) and os.path.getmtime(path) >= since - 1.0 and name not in (FINISHED_MARKER, TRAINING_LOCK):
             names.append(name)
     return names
+
+
+@contextlib.contextmanager
+def training_lock(output_dir: str, is_main_process: bool = True):
+    """Hold ``TRAINING_LOCK`` in ``output_dir`` while a run works there (main process only: the others of
+    a distributed run follow it). The folder is created for it; a folder this call created is removed
+    again if the run leaves it empty (refused before writing anything). A second run is refused at once
+    (``FileExistsError`` naming the holder's host and pid); a lock whose process is gone is taken over."""
+    from llava.utils_io import FileLock
+
+    if not is_main_process:
+        yield
+        return
+    if not output_dir:
+        raise ValueError("--output_dir is empty")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir} exists and is not a folder")
+    created = not os.path.isdir(output_dir)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"--output_dir {output_dir} is not writable ({err.strerror or err})") from err
+    try:
+        with FileLock(os.path.join(output_dir, TRAINING_LOCK), what=f"training output folder {output_dir}"):
+            yield
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(output_dir)  # only succeeds when empty: nothing of the run is ever removed
 
 
 def remove_finished_run(output_dir: str) -> None:

@@ -289,10 +289,13 @@ class LazySupervisedDataset(Dataset):
     def load_pixels(self, record: dict, name: str):
         path = self.image_path(record)
         try:
-            image = load_image(path)  # every decoding failure is an ImageLoadError, bombs and odd modes included
+            # every decoding failure is an ImageLoadError (bombs, odd modes, and geometries whose padding or
+            # resize would not fit in memory: llava.mm_utils.check_image_geometry), so is a bad sample
+            image = load_image(path)
+            pixels = self.processor.image_pixels([image])
         except ImageLoadError as err:
-            raise UnlearnableSample(name, str(err), "image_unreadable") from err
-        pixels = self.processor.image_pixels([image])
+            raise UnlearnableSample(name, f"{path}: {err}" if path not in str(err) else str(err),
+                                    "image_unreadable") from err
         return pixels[0], image.size
 
     def __getitem__(self, index: int) -> dict:

@@ -45,6 +45,7 @@ from .checkpointing import (
     remove_finished_run,
     save_lora,
     save_projector,
+    training_lock,
     write_finished_marker,
     write_run_record,
 )
@@ -288,6 +289,8 @@ def build_model_and_tokenizer(model_args, training_args, compression_args, data_
         raise ValueError("--tune_mm_mlp_adapter needs a vision tower (--vision_tower or a LLaVA checkpoint)")
 
     compression = build_compression_config(compression_args, data_args.image_aspect_ratio)
+    if compression.enabled:
+        compression.settings.check_training()
     if multimodal is not None:
         model.set_visual_compression(compression)
     elif compression.enabled:
@@ -361,6 +364,20 @@ def run_fingerprint(model_args, data_args, compression_args, training_args) -> d
     return json.loads(json.dumps(fingerprint, default=str))
 
 
+def check_compression_trainable(compression_args, image_aspect_ratio: str | None) -> None:
+    """The compression parsed and asked whether it can be trained with (``CompressionMethod.check_training``:
+    e.g. PruMerge's adaptive mode, whose token count differs per image), before anything loads. A budget
+    that needs the checkpoint's image_aspect_ratio to split is checked again once the model is read."""
+    try:
+        compression = build_compression_config(compression_args, image_aspect_ratio)
+    except ValueError:
+        if image_aspect_ratio is not None:
+            raise
+        return  # the family comes from the checkpoint's config: build_model_and_tokenizer names the error
+    if compression.enabled:
+        compression.settings.check_training()
+
+
 def preflight(model_args, data_args, compression_args, training_args) -> tuple[StartPlan, dict, list[dict]]:
     """Everything checked before the model loads: required arguments, output != input, how the run starts
     (``plan_start``: finished run, run identity, settings), the output folder (writable, room), the data
@@ -372,6 +389,7 @@ def preflight(model_args, data_args, compression_args, training_args) -> tuple[S
         raise ValueError("--model_name_or_path is required")
     if not data_args.data_path:
         raise ValueError("--data_path is required")
+    check_compression_trainable(compression_args, data_args.image_aspect_ratio)
     output_dir = training_args.output_dir
     check_output_is_not_input(output_dir, model_args.model_name_or_path, model_args.pretrain_mm_mlp_adapter)
     fingerprint = run_fingerprint(model_args, data_args, compression_args, training_args)
@@ -392,7 +410,14 @@ def preflight(model_args, data_args, compression_args, training_args) -> tuple[S
 
 
 def train(model_args, data_args, compression_args, training_args, callbacks=None) -> TrainResult:
-    """Run one training job; ``callbacks``: extra ``transformers.TrainerCallback`` objects."""
+    """Run one training job; ``callbacks``: extra ``transformers.TrainerCallback`` objects. The output
+    folder is locked for the whole run (``training_lock``): a second run there fails at once, naming the
+    holder."""
+    with training_lock(training_args.output_dir, training_args.process_index == 0):
+        return _train(model_args, data_args, compression_args, training_args, callbacks)
+
+
+def _train(model_args, data_args, compression_args, training_args, callbacks=None) -> TrainResult:
     plan, fingerprint, records = preflight(model_args, data_args, compression_args, training_args)
     run_record = {"run_id": plan.run_id, "fingerprint": fingerprint}
     if training_args.process_index == 0:

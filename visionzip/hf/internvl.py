@@ -241,5 +241,6 @@ FAMILY = register_family(
         modalities=(
             Modality("image", image_features, placeholder_counts, expected_count, placeholder_text=placeholder_text),
         ),
+        llm_view_tokens=lambda model: tower_adapter(model).num_tokens,  # pixel-shuffle units per tile
     )
 )

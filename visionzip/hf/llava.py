@@ -30,6 +30,14 @@ def project(model, tokens: torch.Tensor) -> torch.Tensor:
     return projector(tokens.to(next(projector.parameters()).dtype))
 
 
+def view_tokens(model) -> int:
+    """Visual tokens one image (one anyres view) puts into the LLM uncompressed: the tower's patches, plus
+    the CLS token under ``vision_feature_select_strategy="full"`` (in-LLM budgets are per view)."""
+    adapter = tower_adapter(model)
+    full = model.config.vision_feature_select_strategy == "full"
+    return adapter.num_patches + int(adapter.has_cls and full)
+
+
 def check(model, config) -> None:
     settings = vision_settings(config)
     settings.check(tower_adapter(model), feature_layer(model))
@@ -68,5 +76,6 @@ FAMILY = register_family(
         class_names=("LlavaForConditionalGeneration",),
         check=check,
         modalities=(Modality("image", image_features, placeholder_counts, expected_count),),
+        llm_view_tokens=view_tokens,
     )
 )

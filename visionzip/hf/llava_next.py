@@ -25,7 +25,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 from ..anyres import official_anyres_layout
 from ..methods import CompressedTokens
 from .base import HFFamily, Modality, fixed_count, register_family, vision_settings
-from .llava import feature_layer, project, tower_adapter
+from .llava import feature_layer, project, tower_adapter, view_tokens
 
 
 def grid_shape(model, image_size) -> tuple[int, int]:
@@ -106,5 +106,6 @@ FAMILY = register_family(
         class_names=("LlavaNextForConditionalGeneration",),
         check=check,
         modalities=(Modality("image", image_features, placeholder_counts, expected_count),),
+        llm_view_tokens=view_tokens,
     )
 )

@@ -23,7 +23,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from ..anyres import official_anyres_layout
 from ..methods import CompressedTokens
 from .base import HFFamily, Modality, fixed_count, register_family, vision_settings
-from .llava import feature_layer, project, tower_adapter
+from .llava import feature_layer, project, tower_adapter, view_tokens
 
 
 def _size(size) -> list[int]:
@@ -124,5 +124,6 @@ FAMILY = register_family(
                 method="get_video_features", pixels="pixel_values_videos", token_id="video_token_id",
             ),
         ),
+        llm_view_tokens=view_tokens,  # SigLIP: no CLS, the patches of a view or a frame
     )
 )

@@ -13,15 +13,25 @@ import copy
 from types import MethodType
 
 from .base import current_compression, family_of
+from .loading import saved_but_not_applied
 
 
 def compression_aware_processor(processor, model):
     """A copy of ``processor`` that expands ``<image>`` to the compressed count of ``model`` (to which
-    ``visionzip.apply_compression`` was applied). Without compression on the model: ``processor`` itself."""
+    ``visionzip.apply_compression`` was applied). Without compression on the model, or with an in-LLM method (stage ``llm``: the
+    LLM's input keeps the uncompressed count): ``processor`` itself."""
     family = family_of(model)
     config = current_compression(model)
-    if not config.enabled:
-        return processor
+    missing = saved_but_not_applied(model)
+    if missing is not None:
+        raise ValueError(
+            f"the model's config.json names the compression {missing.spec()!r}, but it is not applied to this "
+            "instance (transformers' from_pretrained does not apply it): load with "
+            "visionzip.hf.from_pretrained(PATH), or call visionzip.apply_compression(model, "
+            "model.config.visual_compression) -- or apply_compression(model, 'none') to run it uncompressed"
+        )
+    if not config.enabled or config.settings.stage == "llm":
+        return processor  # in-LLM methods: the LLM's input keeps every visual token (llm_input_tokens_per_view)
     if not hasattr(processor, "replace_image_token") or not hasattr(processor, "image_token"):
         raise TypeError(
             f"{type(processor).__name__} is not a transformers image-text processor (it has no image_token / "

@@ -82,5 +82,7 @@ FAMILY = register_family(
                 method="get_video_features", pixels="pixel_values_videos", token_id="video_token_id",
             ),
         ),
+        # a video frame's tokens, CLS included (the papers' Video-LLaVA setting; an image has one fewer)
+        llm_view_tokens=lambda model: encoder_adapter(model.model.video_tower).num_tokens,
     )
 )

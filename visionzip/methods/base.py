@@ -1,12 +1,13 @@
 """What a compression method is: its settings dataclass, the tokens it returns, the registry.
 
-A method is one module in ``visionzip/methods/`` holding one ``MethodSettings`` subclass, registered with
+A method is one module in ``visionzip/methods/`` holding one ``CompressionMethod`` subclass, registered with
 ``@register_method``. That class owns everything about the method:
 
 - its settings (dataclass fields) and their validation (``validate``);
 - its spec on the command line: ``METHOD:TOKENS`` (``from_budget``: the paper's split of a token budget
-  per image, or per crop on LLaVA-NeXT), ``METHOD:key=value,...`` and, where a method had one, its
-  positional legacy form (``positional``, e.g. ``visionzip:54,10``);
+  per image, or per crop on LLaVA-NeXT), ``METHOD:key=value,...`` (the canonical form ``spec`` prints)
+  and, where the released code had one, its positional form as an input alias (``positional``, e.g.
+  ``visionzip:54,10``);
 - where it acts (``stage``): ``"tower"`` (inside the vision tower's layers), ``"encoder_output"``
   (between the tower's selected layer and the projector) or ``"llm"`` (inside the language model);
 - how many visual tokens one view ends up with (``tokens_per_view``);
@@ -102,14 +103,15 @@ def _convert(field: dataclasses.Field, text: str):
 
 
 @dataclass
-class MethodSettings:
+class CompressionMethod:
     """Base of every method's settings. Subclasses are dataclasses and set the class attributes."""
 
     name: ClassVar[str] = ""
     display_name: ClassVar[str] = ""  # for tables and plots (default: the name)
     stage: ClassVar[str] = "encoder_output"
     summary: ClassVar[str] = ""
-    # field names filled by a positional spec with two or more values (legacy forms such as "54,10")
+    # field names filled by a positional spec with two or more values: an input alias for the command lines
+    # of the released code (VisionZip's "visionzip:54,10"); spec() always prints key=value
     positional: ClassVar[tuple[str, ...]] = ()
     # dotted path of the function that re-enacts the official code (tests hold the fast path to it)
     reference: ClassVar[str] = ""
@@ -120,17 +122,17 @@ class MethodSettings:
         self.validate()
 
     # ----- settings -----------------------------------------------------------------------------
-    def validate(self) -> MethodSettings:
+    def validate(self) -> CompressionMethod:
         """Check the settings' own types and ranges (ValueError naming the value and the limit)."""
         return self
 
     @classmethod
-    def from_budget(cls, tokens: int) -> MethodSettings:
+    def from_budget(cls, tokens: int) -> CompressionMethod:
         """The method's paper settings for ``tokens`` visual tokens per view (image, or crop on NeXT)."""
         raise ValueError(f"{cls.name} has no budget rule; give its settings as {cls.name}:key=value,...")
 
     @classmethod
-    def from_args(cls, args: str) -> MethodSettings:
+    def from_args(cls, args: str) -> CompressionMethod:
         """Parse what follows ``METHOD:`` in a spec: ``TOKENS``, ``key=value,...`` or the positional form."""
         parts = [p.strip() for p in args.split(",") if p.strip()]
         known = {f.name: f for f in dataclasses.fields(cls)}
@@ -148,6 +150,8 @@ class MethodSettings:
                     key = key.strip()
                     if key not in known:
                         raise ValueError(f"unknown setting {key!r} for {cls.name}; known: {sorted(known)}")
+                    if key in values:  # the last value silently winning would run another budget than meant
+                        raise ValueError(f"compression spec '{cls.name}:{args}' gives {key!r} twice")
                     values[key] = _convert(known[key], value)
                 return cls(**values)
             if any("=" in p for p in parts):
@@ -166,11 +170,8 @@ class MethodSettings:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def spec(self) -> str:
-        """The ``--compression`` string that gives back these settings: the positional form where the
-        method has one covering all its settings (``visionzip:54,10``), else ``METHOD:key=value,...``."""
-        values = self.to_dict()
-        if len(self.positional) >= 2 and tuple(values) == self.positional[: len(values)]:
-            return f"{self.name}:" + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values.values())
+        """The ``--compression`` string that gives back these settings, in the one canonical form
+        ``METHOD:key=value,...`` (every setting named; a positional form is accepted as input only)."""
         items = []
         for key, value in self.to_dict().items():
             if isinstance(value, (tuple, list)):
@@ -205,6 +206,10 @@ class MethodSettings:
     def check_view(self, num_tokens: int) -> None:
         """Budget limits against the ``num_tokens`` visual tokens one view puts into the LLM (in-LLM
         methods; vision-side methods check against the encoder in ``check``)."""
+
+    def check_training(self) -> None:
+        """A ValueError when these settings cannot be trained with (checked before a training run loads its
+        model): e.g. a token count that depends on the image, which one training batch cannot hold."""
 
     # ----- the work -----------------------------------------------------------------------------
     def compress(self, adapter: VisionEncoderAdapter, capture: EncoderCapture) -> CompressedTokens:
@@ -249,11 +254,11 @@ class MethodSettings:
         return [visual_tokens] * num_layers
 
 
-_REGISTRY: dict[str, type[MethodSettings]] = {}
+_REGISTRY: dict[str, type[CompressionMethod]] = {}
 
 
-def register_method(cls: type[MethodSettings]) -> type[MethodSettings]:
-    """Class decorator: add a ``MethodSettings`` subclass to the registry under ``cls.name``."""
+def register_method(cls: type[CompressionMethod]) -> type[CompressionMethod]:
+    """Class decorator: add a ``CompressionMethod`` subclass to the registry under ``cls.name``."""
     if not cls.name or cls.name in ("none", "vanilla"):
         raise ValueError(f"a method needs a name other than 'none'/'vanilla', got {cls.name!r}")
     if cls.stage not in STAGES:
@@ -267,7 +272,7 @@ def unregister_method(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def get_method(name: str) -> type[MethodSettings]:
+def get_method(name: str) -> type[CompressionMethod]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown compression method {name!r}; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name]

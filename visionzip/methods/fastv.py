@@ -30,7 +30,7 @@ import torch
 
 from ..eager_llama import eager_layer
 from ..llm import PruningContext, check_pruner_layers, top_visual
-from .base import MethodSettings, check_count, register_method
+from .base import CompressionMethod, check_count, register_method
 
 DEFAULT_VIEW_TOKENS = 576  # CLIP ViT-L/14-336 patches per view (LLaVA-1.5 / NeXT)
 
@@ -70,7 +70,7 @@ class FastVPruner:
 
 @register_method
 @dataclass
-class FastV(MethodSettings):
+class FastV(CompressionMethod):
     """FastV: ``tokens`` (R) visual tokens per view survive from LLM layer ``layer`` (K) on, chosen by the
     attention the last token gives them in layer K-1."""
 

@@ -33,7 +33,7 @@ import torch
 
 from ..eager_llama import eager_layer, query_key_attention
 from ..llm import PruningContext, check_pruner_layers, top_visual
-from .base import MethodSettings, check_count, check_ratio, register_method
+from .base import CompressionMethod, check_count, check_ratio, register_method
 
 VIEW_TOKENS = 576  # visual tokens of one CLIP ViT-L/14-336 view (LLaVA-1.5 / NeXT)
 OFFICIAL_RATIOS = (0.5, 0.25, 0.125)
@@ -67,7 +67,7 @@ class PDropPruner:
 
 @register_method
 @dataclass
-class PDrop(MethodSettings):
+class PDrop(CompressionMethod):
     """PyramidDrop: before LLM layer ``layers[s]`` keep ``ratios[s]`` of the visual tokens (of those spliced
     in), ranked by the last token's attention in that layer. ``layers`` empty: quarters of the depth."""
 

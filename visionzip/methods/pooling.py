@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..encoders import EncoderCapture, VisionEncoderAdapter
-from .base import CompressedTokens, MethodSettings, check_count, register_method
+from .base import CompressedTokens, CompressionMethod, check_count, register_method
 
 
 def pooling_grid(tokens: int) -> tuple[int, int]:
@@ -65,15 +65,11 @@ def reference_pooling(hidden: torch.Tensor, rows: int, cols: int, has_cls: bool 
     return torch.stack(out, dim=1)
 
 
-@register_method
 @dataclass
-class Pooling(MethodSettings):
-    """pooling: average pooling of the patch grid to ``rows x cols`` tokens per view."""
+class GridMethod(CompressionMethod):
+    """A method whose view becomes a ``rows x cols`` grid of tokens (pooling, downsample): the settings, their
+    checks, the count and the label they share. Not registered itself."""
 
-    name: ClassVar[str] = "pooling"
-    stage: ClassVar[str] = "encoder_output"
-    summary: ClassVar[str] = "spatial average pooling of the patch grid"
-    reference: ClassVar[str] = "visionzip.methods.pooling.reference_pooling"
     needs_attention_input: ClassVar[bool] = False
 
     rows: int = 8
@@ -84,16 +80,27 @@ class Pooling(MethodSettings):
         self.cols = check_count("cols", self.cols)
         return self
 
-    @classmethod
-    def from_budget(cls, tokens: int) -> Pooling:
-        rows, cols = pooling_grid(tokens)
-        return cls(rows=rows, cols=cols)
-
     def tokens_per_view(self, num_tokens: int | None = None) -> int:
         return self.rows * self.cols
 
     def label(self) -> str:
-        return f"pooling {self.rows}x{self.cols}"
+        return f"{self.name} {self.rows}x{self.cols}"
+
+
+@register_method
+@dataclass
+class Pooling(GridMethod):
+    """pooling: average pooling of the patch grid to ``rows x cols`` tokens per view."""
+
+    name: ClassVar[str] = "pooling"
+    stage: ClassVar[str] = "encoder_output"
+    summary: ClassVar[str] = "spatial average pooling of the patch grid"
+    reference: ClassVar[str] = "visionzip.methods.pooling.reference_pooling"
+
+    @classmethod
+    def from_budget(cls, tokens: int) -> Pooling:
+        rows, cols = pooling_grid(tokens)
+        return cls(rows=rows, cols=cols)
 
     def check(self, adapter: VisionEncoderAdapter, select_layer: int) -> None:
         check_pooling_grid(adapter, self.rows, self.cols, select_layer)

@@ -57,7 +57,14 @@ import torch
 import torch.nn.functional as F
 
 from ..encoders import EncoderCapture, VisionEncoderAdapter, attention_implementation, encoder_adapter
-from .base import CompressedTokens, MethodSettings, check_count, check_ratio, gather_tokens, register_method
+from .base import (
+    CompressedTokens,
+    CompressionMethod,
+    check_count,
+    check_ratio,
+    gather_tokens,
+    register_method,
+)
 
 MODES = ("budget", "adaptive", "fixed")
 NEIGHBOURS = 32  # the official cluster size (``topk(..., k=int(32))``)
@@ -332,7 +339,7 @@ def official_prumerge(
 
 # ----- the methods --------------------------------------------------------------------------------
 @dataclass
-class _PruMergeSettings(MethodSettings):
+class _PruMergeSettings(CompressionMethod):
     """Shared settings of PruMerge and PruMerge+ (see the module docstring).
 
     mode: "budget" (exactly ``tokens`` per view: ``tokens - 1`` kept + the extra token), "adaptive" (the
@@ -361,6 +368,14 @@ class _PruMergeSettings(MethodSettings):
     @classmethod
     def from_budget(cls, tokens: int):
         return cls(mode="budget", tokens=check_count("visual tokens", tokens, minimum=3 if cls.plus else 2))
+
+    def check_training(self) -> None:
+        if self.mode == "adaptive":
+            raise ValueError(
+                f"{self.name}:mode=adaptive keeps a number of tokens that depends on each image, which a training "
+                f"batch (several images or anyres views in one call) cannot hold; train with a fixed budget "
+                f"({self.name}:64) or {self.name}:mode=fixed"
+            )
 
     def kept_per_view(self, num_patches: int) -> int | None:
         """Kept tokens per view (the extra token not counted); None when adaptive."""

@@ -17,7 +17,11 @@ from typing import ClassVar
 import torch
 
 from ..encoders import EncoderCapture, VisionEncoderAdapter
-from .base import CompressedTokens, MethodSettings, check_count, gather_tokens, register_method
+from .base import CompressedTokens, CompressionMethod, check_count, gather_tokens, register_method
+
+# torch.Generator.manual_seed takes seeds below 2**64; view b draws with seed + b, so a seed is at most
+# 2**63 - 1 (room for any batch), refused beyond when the spec is parsed rather than at the first image
+MAX_SEED = 2**63 - 1
 
 
 def random_keep_indices(batch: int, num_patches: int, tokens: int, seed: int, device=None) -> torch.Tensor:
@@ -53,7 +57,7 @@ def reference_random(hidden: torch.Tensor, tokens: int, seed: int = 0, has_cls: 
 
 @register_method
 @dataclass
-class RandomTokens(MethodSettings):
+class RandomTokens(CompressionMethod):
     """random: ``tokens`` patches per view drawn uniformly (seeded), in sequence order."""
 
     name: ClassVar[str] = "random"
@@ -68,6 +72,8 @@ class RandomTokens(MethodSettings):
     def validate(self):
         self.tokens = check_count("tokens", self.tokens)
         self.seed = check_count("seed", self.seed, minimum=0)
+        if self.seed > MAX_SEED:
+            raise ValueError(f"random: seed must be <= {MAX_SEED} (2**63 - 1), got {self.seed}")
         return self
 
     @classmethod

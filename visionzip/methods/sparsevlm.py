@@ -32,7 +32,7 @@ import torch
 
 from ..eager_llama import eager_layer
 from ..llm import PruningContext, Selection, check_pruner_layers, top_visual
-from .base import MethodSettings, check_count, register_method
+from .base import CompressionMethod, check_count, register_method
 
 VIEW_TOKENS = 576
 # score.py (v1.0): visual tokens left after layers 2 / 6 / 15, per RETAIN_TOKN budget
@@ -64,8 +64,11 @@ def paper_layers(num_layers: int) -> tuple[int, ...]:
 
 def text_raters(embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """SparseVLM's raters of one sample: embeds (N, C), visual (N,) bool -> indices of the rating text tokens
-    (the tokens after the last visual token whose mean relevance to the visual tokens is above average)."""
+    (the tokens after the last visual token whose mean relevance to the visual tokens is above average).
+    A sample without visual tokens (text-only, in a batch with images) has none: (0,)."""
     positions = torch.nonzero(visual).flatten()
+    if positions.numel() == 0:
+        return positions  # nothing to rate: the sample is left alone (select keeps all its tokens)
     text_start = int(positions[-1]) + 1
     if text_start >= embeds.shape[0]:
         raise ValueError(
@@ -133,11 +136,13 @@ class SparseVLMPruner:
         device = context.visual_mask.device
         # raters (input index space) -> their current positions (text tokens are never dropped)
         raters = [text_raters(e, v) for e, v in zip(context.inputs_embeds, context.input_visual_mask)]
-        longest = max(len(r) for r in raters)
+        longest = max(1, max(len(r) for r in raters))
         query = torch.zeros(batch, longest, dtype=torch.long, device=device)
         weight = torch.zeros(batch, longest, device=device)
         for row, rater in enumerate(raters):
             current = torch.nonzero(context.input_index[row].unsqueeze(1) == rater.unsqueeze(0))[:, 0]
+            if len(current) == 0:
+                continue  # no visual tokens in this sample: a zero-weight query row, its scores unused
             query[row, : len(current)] = current
             query[row, len(current):] = current[0]
             weight[row, : len(current)] = 1.0 / len(current)
@@ -172,7 +177,7 @@ class SparseVLMPruner:
 
 @register_method
 @dataclass
-class SparseVLM(MethodSettings):
+class SparseVLM(CompressionMethod):
     """SparseVLM v1.0: after LLM layer ``layers[s]`` keep ``counts[s]`` visual tokens per view, rated by
     the text tokens most relevant to the image; the best-rated pruned ones are recycled into clusters.
     ``layers`` empty (what a budget gives): the official 2 / 6 / 15, scaled down on an LLM too shallow
@@ -192,6 +197,9 @@ class SparseVLM(MethodSettings):
     def validate(self):
         self.layers = tuple(self.layers)
         self.counts = tuple(check_count("counts", c) for c in self.counts)
+        self.seed = check_count("seed", self.seed, minimum=0)
+        if not isinstance(self.recycle, bool):
+            raise ValueError(f"sparsevlm: recycle must be true or false, got {self.recycle!r}")
         for layer in self.layers:
             check_count("layers", layer, minimum=0)
         if not self.layers and len(self.counts) != len(OFFICIAL_LAYERS):

@@ -51,8 +51,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..copied import copied_from
 from ..encoders import VisionEncoderAdapter, encoder_adapter
-from .base import CompressedTokens, MethodSettings, check_count, gather_tokens, register_method
+from .base import CompressedTokens, CompressionMethod, check_count, gather_tokens, register_method
 
 
 # ----- budget -> per-layer schedule ---------------------------------------------------------------
@@ -147,6 +148,9 @@ def merge_weighted(
     return out[..., :channels] / new_size, new_size
 
 
+# Copied from transformers v5.25.0, models/clip/modeling_clip.py, CLIPAttention.forward (q / k / v, out_proj),
+# through SDPA with the size bias
+@copied_from("transformers.models.clip.modeling_clip.CLIPAttention.forward", sha="3f72a88a31a4abfe", version="5.25.0")
 def proportional_attention(attn, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's self-attention with ToMe's ``+ log(size)`` bias on the keys, through SDPA.
 
@@ -174,6 +178,9 @@ def tower_embeddings(adapter: VisionEncoderAdapter, pixel_values: torch.Tensor) 
     return pre_norm(x) if pre_norm is not None else x
 
 
+# Copied from transformers v5.25.0, models/clip/modeling_clip.py, CLIPEncoderLayer.forward: the residual
+# blocks of each layer, with the merge between attention and MLP
+@copied_from("transformers.models.clip.modeling_clip.CLIPEncoderLayer.forward", sha="5abe44518be779d4", version="5.25.0")
 def tome_encode(
     adapter: VisionEncoderAdapter,
     pixel_values: torch.Tensor,
@@ -212,6 +219,10 @@ def tome_encode(
 
 
 # ----- reference re-enactment of the official code -------------------------------------------------
+# Copied from transformers v5.25.0, models/clip/modeling_clip.py, CLIPEncoderLayer.forward and
+# CLIPAttention.forward (eager), as ToMe's timm blocks compute them
+@copied_from("transformers.models.clip.modeling_clip.CLIPEncoderLayer.forward", sha="5abe44518be779d4", version="5.25.0")
+@copied_from("transformers.models.clip.modeling_clip.CLIPAttention.forward", sha="3f72a88a31a4abfe", version="5.25.0")
 def official_tome(
     vision_model,
     pixel_values: torch.Tensor,
@@ -290,7 +301,7 @@ def official_tome(
 # ----- the method ---------------------------------------------------------------------------------
 @register_method
 @dataclass
-class ToMe(MethodSettings):
+class ToMe(CompressionMethod):
     """ToMe: merge tokens inside the tower's layers (bipartite soft matching, size-weighted, with
     proportional attention) until the selected layer holds ``tokens`` tokens besides the class token."""
 

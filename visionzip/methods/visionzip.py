@@ -21,11 +21,12 @@ from typing import ClassVar
 
 import torch
 
+from ..budgets import ANYRES_VIEWS
 from ..encoders import EncoderCapture, VisionEncoderAdapter, attention_implementation, encoder_adapter
 from ..scoring import cls_attention, key_metric, received_attention
 from .base import (
     CompressedTokens,
-    MethodSettings,
+    CompressionMethod,
     check_count,
     complement_indices,
     gather_tokens,
@@ -35,7 +36,8 @@ from .base import (
 SCORES = ("auto", "cls", "received")
 
 # Paper budgets (VisionZip Table 1 / 2): visual tokens per image (LLaVA-1.5) -> (dominant, contextual);
-# LLaVA-NeXT's totals over 5 views are the same split per crop (640 / 320 / 160 = 5 x 128 / 64 / 32).
+# LLaVA-NeXT's totals over its ANYRES_VIEWS views are the same split per crop (640 / 320 / 160 = 5 x 128 / 64 /
+# 32; visionzip.budgets).
 VISIONZIP_BUDGETS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
 VISIONZIP_NEXT_BUDGETS = {640: (108, 20), 320: (54, 10), 160: (27, 5)}
 
@@ -225,7 +227,7 @@ def visionzip_split(tokens: int) -> tuple[int, int]:
     192 -> 162 + 30, 32 -> 27 + 5 (NeXT's 160 over 5 views); other budgets keep the same 27 : 5 ratio,
     with at least one contextual token (and one dominant: the CLS)."""
     tokens = check_count("visual tokens", tokens, minimum=2)
-    paper = {**VISIONZIP_BUDGETS, **{total // 5: split for total, split in VISIONZIP_NEXT_BUDGETS.items()}}
+    paper = {**VISIONZIP_BUDGETS, **{total // ANYRES_VIEWS: split for total, split in VISIONZIP_NEXT_BUDGETS.items()}}
     if tokens in paper:
         return paper[tokens]
     dominant = min(max(1, tokens * 27 // 32), tokens - 1)
@@ -234,7 +236,7 @@ def visionzip_split(tokens: int) -> tuple[int, int]:
 
 @register_method
 @dataclass
-class VisionZip(MethodSettings):
+class VisionZip(CompressionMethod):
     """VisionZip: ``dominant`` tokens (CLS + top patches by CLS attention) + ``contextual`` merged tokens,
     per image (per crop on LLaVA-NeXT). Acts on the tower's selected layer, before the projector."""
 

@@ -9,7 +9,14 @@ from typing import ClassVar
 import torch
 
 from ..encoders import EncoderCapture, VisionEncoderAdapter, attention_implementation, encoder_adapter
-from .base import CompressedTokens, MethodSettings, check_count, check_ratio, gather_tokens, register_method
+from .base import (
+    CompressedTokens,
+    CompressionMethod,
+    check_count,
+    check_ratio,
+    gather_tokens,
+    register_method,
+)
 from .visionzip import layer_queries_keys, resolve_score, scores_from_qk
 
 MAX_DROP_PER_STEP = 8
@@ -102,7 +109,7 @@ def vispruner_select(
 
 @register_method
 @dataclass
-class VisPruner(MethodSettings):
+class VisPruner(CompressionMethod):
     """VisPruner: ``tokens`` patches per image (per crop on LLaVA-NeXT), ``important_ratio`` of them by CLS
     attention, the rest by iterative duplicate removal. Acts on the tower's selected layer."""
 

@@ -3,45 +3,33 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaModel,
     PretrainedConfig,
 )
 from transformers import initialization as init
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import (
-    LlamaPreTrainedModel,
-    LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
-)
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel, LlamaRotaryEmbedding
 
 from llava.constants import IGNORE_INDEX
-from visionzip.llm import (
-    LLMTokenPruner,
-    PrunedGroup,
-    PrunedPrefix,
-    PruningContext,
-    Selection,
-    attention_rows_from_qk,
-    compact_positions,
-    drop_tokens,
-    insert_and_drop,
-)
+from llava.preflight import PromptTooLong, check_prompts_fit, model_max_positions, spliced_positions
+from visionzip.copied import copied_from
+from visionzip.decoder_loop import PrunedDecoderOutput, pruned_decoder_forward, pruned_prefix
+from visionzip.llm import LLMTokenPruner, PrunedPrefix
 
 from ..llava_arch import LlavaMetaForCausalLM, LlavaMetaModel, newline_init_std
 from ..multimodal_encoder.builder import resolve_vision_tower_path
+
+logger = logging.getLogger(__name__)
 
 
 class LlavaConfig(LlamaConfig):
@@ -68,54 +56,17 @@ class LlavaRotaryEmbedding(LlamaRotaryEmbedding):
         return cos.to(self.table_dtype).to(cos.dtype), sin.to(self.table_dtype).to(sin.dtype)
 
 
-@dataclass
-class PrunedLLMOutput:
-    """What ``LlavaLlamaModel.pruned_forward`` returns. last_hidden_state: (B, M, C) after the final norm,
-    for the tokens left after the last drop (all of them when nothing was dropped); kept_index: (B, M)
-    their positions in the input; kept_valid: (B, M) bool, False on re-padding slots; cache: the KV cache."""
-
-    last_hidden_state: torch.Tensor
-    kept_index: torch.Tensor
-    kept_valid: torch.Tensor
-    cache: object = None
-
-
 class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
     config_class = LlavaConfig
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
         self.rotary_emb = LlavaRotaryEmbedding(config=config)
-        # [VisionZip-LLaVA] in-LLM pruning leaves KV caches whose layers hold different tokens; what each
-        # group of layers holds is recorded per cache object (the cache itself stays a transformers cache)
-        self._pruned_prefixes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def pruned_prefix(self, cache) -> PrunedPrefix | None:
+    @staticmethod
+    def pruned_prefix(cache) -> PrunedPrefix | None:
         """What a pruned prefill left in ``cache`` (None when it holds every token in every layer)."""
-        return None if cache is None else self._pruned_prefixes.get(cache)
-
-    def _score_rows(self, layer_index: int, hidden, position_ids, valid):
-        """``PruningContext.attention_rows`` for decoder layer ``layer_index`` run on ``hidden`` (B, N, C)
-        (the sequence as it enters that layer, no cached past): only the asked rows, from q and k."""
-        layer = self.layers[layer_index]
-        attn = layer.self_attn
-        batch, length, _ = hidden.shape
-        head_dim = attn.head_dim
-        normed = layer.input_layernorm(hidden)
-        cos, sin = self.rotary_emb(hidden, position_ids)
-
-        def rows(query_index: torch.Tensor) -> torch.Tensor:
-            picked = query_index.unsqueeze(-1).expand(-1, -1, normed.shape[-1])
-            queries = attn.q_proj(normed.gather(1, picked)).view(batch, query_index.shape[1], -1, head_dim)
-            keys = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-            table = query_index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
-            queries, _ = apply_rotary_pos_emb(
-                queries.transpose(1, 2), queries.transpose(1, 2), cos.gather(1, table), sin.gather(1, table)
-            )
-            _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
-            return attention_rows_from_qk(queries, keys, query_index, valid, attn.scaling)
-
-        return rows
+        return pruned_prefix(cache)
 
     def pruned_forward(
         self,
@@ -126,114 +77,20 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
         use_cache: bool | None = None,
         visual_mask: torch.Tensor | None = None,
         pruner: LLMTokenPruner | None = None,
-    ) -> PrunedLLMOutput:
-        """The decoder stack with in-LLM token pruning (FastV, PyramidDrop, ...): our own loop over the
-        layer modules, SDPA (the model's attention kernels) in every layer.
+    ) -> PrunedDecoderOutput:
+        """The decoder stack with in-LLM token pruning (FastV, PyramidDrop, ...).
+
+        [VisionZip-LLaVA] the original LLaVA has no such loop (each method's official code patches its own
+        copy of LlamaModel.forward). Ours is ``visionzip.decoder_loop.pruned_decoder_forward``, the one loop
+        the transformers families use too: this model's own layer modules, SDPA in every layer, drops
+        between layers, per-layer KV caches of different lengths (see that module).
 
         inputs_embeds: (B, N, C); attention_mask: (B, past + N) over the caller's index space (None: all
         valid); position_ids: (B, N); visual_mask: (B, N) bool, where visual tokens sit.
-        Prefill (empty cache, a pruner and visual tokens): before each of ``pruner.layers`` the unkept
-        tokens leave the hidden states, positions and mask; layers from there on cache only the kept ones.
-        Later calls on that cache (decoding, later chat turns) give each group of layers the padding mask
-        and positions of the tokens it holds. Later chunks are never pruned.
         """
-        batch, length, _ = inputs_embeds.shape
-        device = inputs_embeds.device
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length(0) if cache is not None else 0
-        state = self.pruned_prefix(cache)
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=device)
-        attention_mask = attention_mask.bool()
-        if attention_mask.shape[1] != past + length:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[1]} positions; the cache holds {past} and the "
-                f"input {length}"
-            )
-        if position_ids is None:
-            position_ids = torch.arange(past, past + length, device=device).expand(batch, -1)
-        position_ids = position_ids.expand(batch, -1)
-        prune = (
-            pruner is not None and visual_mask is not None and past == 0 and state is None and bool(visual_mask.any())
+        return pruned_decoder_forward(
+            self, inputs_embeds, attention_mask, position_ids, cache, use_cache, visual_mask, pruner
         )
-        drop_layers = tuple(pruner.layers) if prune else ()
-        score_layers = {pruner.score_layer(layer): layer for layer in drop_layers}
-        for score, drop in score_layers.items():
-            if any(score < other < drop for other in drop_layers):
-                raise ValueError(f"pruner scores the drop at layer {drop} by layer {score}, across another drop")
-
-        hidden = inputs_embeds
-        key_mask, positions = attention_mask, position_ids
-        valid = attention_mask[:, past:]
-        index = torch.arange(length, device=device).expand(batch, -1)
-        visual = visual_mask.bool() & valid if prune else None
-        initial_visual = visual.sum(dim=1) if prune else None
-        input_visual = visual
-        shift = torch.zeros(batch, dtype=torch.long, device=device)
-        groups: list[PrunedGroup] = []
-        snapshots = {}
-        causal_mask = position_embeddings = None
-        for layer_index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            changed = causal_mask is None
-            if layer_index in drop_layers:
-                # the sequence as it entered the scoring layer (this one: as it is now)
-                hidden_in, positions_in, valid_in = snapshots.pop(layer_index, (hidden, positions, valid))
-                context = PruningContext(
-                    layer_index, visual, valid, initial_visual,
-                    self._score_rows(pruner.score_layer(layer_index), hidden_in, positions_in, valid_in),
-                    hidden=hidden, input_index=index, inputs_embeds=inputs_embeds, input_visual_mask=input_visual,
-                )
-                selection = pruner.select(context)
-                if isinstance(selection, Selection):
-                    # tokens inserted (recycled) after the kept ones: positions renumbered contiguously
-                    keep = selection.keep & valid
-                    count = selection.extra.shape[1]
-                    dropped = insert_and_drop(keep, selection.extra_valid, selection.insert_after)
-                    start = positions.masked_fill(~valid, torch.iinfo(positions.dtype).max).min(dim=1).values
-                    before = valid.sum(dim=1)
-                    anchor = index.gather(1, selection.insert_after.unsqueeze(1)).expand(-1, count)
-                    hidden = dropped.gather(torch.cat([hidden, selection.extra.to(hidden.dtype)], dim=1))
-                    index = dropped.gather(torch.cat([index, anchor], dim=1))
-                    visual = dropped.gather(torch.cat([visual, selection.extra_valid], dim=1)) & dropped.valid
-                    valid = key_mask = dropped.valid
-                    positions = (start.unsqueeze(1) + valid.long().cumsum(dim=1) - 1).clamp_min(0)
-                    shift = shift + before - valid.sum(dim=1)
-                else:
-                    keep = selection & valid
-                    if not pruner.keep_original_positions:
-                        positions = compact_positions(positions, keep, valid)
-                        shift = shift + (valid & ~keep).sum(dim=1)
-                    dropped = drop_tokens(keep)
-                    hidden, positions, index = dropped.gather(hidden), dropped.gather(positions), dropped.gather(index)
-                    visual = dropped.gather(visual) & dropped.valid
-                    valid = key_mask = dropped.valid
-                groups.append(PrunedGroup(layer_index, index, valid, shift.clone()))
-                changed = True
-            elif state is not None and any(group.start == layer_index for group in state.groups):
-                group = state.group_of(layer_index)
-                key_mask = group.key_mask(attention_mask, state.prefix_length)
-                positions = position_ids - group.position_shift.unsqueeze(1)
-                changed = True
-            if layer_index in score_layers and score_layers[layer_index] != layer_index:
-                snapshots[score_layers[layer_index]] = (hidden, positions, valid)  # entering the scoring layer
-            if changed:
-                causal_mask = create_causal_mask(
-                    config=self.config, inputs_embeds=hidden, attention_mask=key_mask, cache=cache,
-                    position_ids=positions, layer_idx=layer_index,
-                )
-                position_embeddings = self.rotary_emb(hidden, positions)
-            hidden = decoder_layer(
-                hidden,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                position_ids=positions,
-                cache=cache,
-                use_cache=use_cache,
-            )
-        if groups and cache is not None:
-            self._pruned_prefixes[cache] = PrunedPrefix(length, groups)
-        return PrunedLLMOutput(self.norm(hidden), index, valid, cache)
 
 
 class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
@@ -246,6 +103,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
     # the original); a trained tower (unfreeze_mm_vision_tower) is built at init and takes them.
     _keys_to_ignore_on_load_unexpected = [r"^model\.vision_tower\."]
 
+    # Copied from transformers v5.25.0, models/llama/modeling_llama.py, LlamaForCausalLM.__init__ (our model class)
+    @copied_from("transformers.models.llama.modeling_llama.LlamaForCausalLM.__init__", sha="618b27227797b4c6", version="5.25.0")
     def __init__(self, config):
         # skip LlamaForCausalLM.__init__, which would build a plain LlamaModel first
         LlamaPreTrainedModel.__init__(self, config)
@@ -340,6 +199,9 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         view_tokens = tower.num_patches if tower is not None else None
         return compression.settings.llm_pruner(int(self.config.num_hidden_layers), view_tokens=view_tokens)
 
+    # Copied from transformers v5.25.0, models/llama/modeling_llama.py, LlamaForCausalLM.forward: logits_to_keep,
+    # lm_head and loss_function on the kept tokens
+    @copied_from("transformers.models.llama.modeling_llama.LlamaForCausalLM.forward", sha="94199f7a0fd577c2", version="5.25.0")
     def _pruned_forward(
         self, input_ids, inputs_embeds, attention_mask, position_ids, cache, labels, use_cache, visual_mask, pruner,
         logits_to_keep: int = 0,
@@ -363,6 +225,17 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             loss = self.loss_function(logits=logits, labels=kept_labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache if use_cache else None)
 
+    def prompt_positions(self, input_ids, images=None, image_sizes=None, attention_mask=None, host_input_ids=None,
+                         host_attention_mask=None) -> list[int]:
+        """Positions each prompt of a batch takes once its images' visual tokens are spliced in, uncut
+        (encodes the images: ``generate`` asks only for a prompt that reached the model's limit)."""
+        ids = host_input_ids if host_input_ids is not None else input_ids.cpu()
+        mask = host_attention_mask if host_input_ids is not None else attention_mask
+        sizes = []
+        if images is not None:
+            sizes = [int(f.shape[0]) for f in self.get_image_features(images, image_sizes).per_image]
+        return spliced_positions(ids, sizes, None if mask is None else mask.cpu())
+
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, **kwargs):
         """Generate from token ids with ``<image>`` placeholders and their images, or from
@@ -373,7 +246,13 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         ``host_input_ids`` / ``host_attention_mask``: CPU copies of the prompt (``LlavaInputs.generate_kwargs``
         passes them): with them the image path and the splice make no host synchronisation (the splice's
         width is read on the host); they are not handed on to transformers.
+        ``prompt_too_long``: "error" (default) refuses a prompt beyond the model's positions
+        (``llava.preflight.PromptTooLong``, rows and lengths named); "truncate" cuts it as the original
+        LLaVA did, with a warning (only to reproduce the original's outputs).
         """
+        prompt_too_long = kwargs.pop("prompt_too_long", "error")
+        if prompt_too_long not in ("error", "truncate"):
+            raise ValueError(f"prompt_too_long must be 'error' or 'truncate', got {prompt_too_long!r}")
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
         host_input_ids = kwargs.pop("host_input_ids", None)
@@ -393,14 +272,34 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
                 inputs, images, image_sizes, attention_mask, position_ids, padding_side="left",
                 host_input_ids=host_input_ids, host_attention_mask=host_attention_mask,
             )
-            inputs_embeds, attention_mask, position_ids = (
+            inputs_embeds, spliced_mask, position_ids = (
                 spliced.inputs_embeds, spliced.attention_mask, spliced.position_ids
             )
             if self.llm_pruner() is not None:
                 # in-LLM methods prune in the prefill forward: it needs to know where the visual tokens are
                 kwargs["visual_mask"] = spliced.visual_mask
         else:
-            inputs_embeds = self.get_model().embed_tokens(inputs)
+            inputs_embeds, spliced_mask = self.get_model().embed_tokens(inputs), attention_mask
+        # [VisionZip-LLaVA] the original cut a prompt longer than tokenizer_model_max_length (its question
+        # and "ASSISTANT:" with it) and answered anyway; here a prompt that leaves no room for a reply is
+        # refused by name (the policy of every entry point, llava.preflight.check_prompts_fit), and the
+        # reply stops where the model's positions end. The spliced width is the longest prompt (capped at
+        # the cut), known without a host read; only a prompt at the limit is counted exactly.
+        limit = model_max_positions(self.config)
+        if limit is not None:
+            positions = [inputs_embeds.shape[1]]
+            if positions[0] >= limit:
+                positions = self.prompt_positions(inputs, images, image_sizes, attention_mask, host_input_ids,
+                                                  host_attention_mask)
+            try:
+                room = check_prompts_fit(positions, kwargs.get("max_new_tokens"), limit)
+                if kwargs.get("max_new_tokens") is not None:
+                    kwargs["max_new_tokens"] = room
+            except PromptTooLong as err:
+                if prompt_too_long == "error":
+                    raise
+                logger.warning("prompt_too_long='truncate': %s; cut as the original LLaVA did", err)
+        attention_mask = spliced_mask
         return super().generate(
             position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
         )

@@ -6,7 +6,7 @@ import os
 
 from transformers import AutoConfig
 
-from .clip_siglip import CLIPVisionTower, SiglipVisionTower, VisionTower
+from .vision_tower import CLIPVisionTower, SiglipVisionTower, VisionTower
 
 # model_type of the encoder config (a vision config, or a full two-tower config) -> tower class
 TOWERS: dict[str, type[VisionTower]] = {

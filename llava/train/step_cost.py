@@ -1,8 +1,8 @@
 """Training cost with compressed visual tokens: step time and peak memory of projector tuning and full
 fine-tuning at 576 (no compression) vs VisionZip 192 / 128 / 64 tokens per image, on CPU.
 
-    python scripts/bench_train.py                      # scaled-down LLaVA (LLM hidden 512, 6 layers)
-    python scripts/bench_train.py --hidden 256 --layers 4 --steps 2 --batch 2   # quicker
+    python scripts/train_step_cost.py                      # scaled-down LLaVA (LLM hidden 512, 6 layers)
+    python scripts/train_step_cost.py --hidden 256 --layers 4 --steps 2 --batch 2   # quicker
 
 The model is built by ``llava.model.tiny.build_tiny_llava`` with a wider, deeper language model so that,
 as in LLaVA-7B, the LLM dominates the cost; the CLIP tower keeps ViT-L/14-336's geometry (577 tokens).
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in MODES:
         for budget in BUDGETS:
             spec = json.dumps({"model_dir": model_dir, "data_dir": data_dir, "mode": mode, "budget": budget})
-            command = [sys.executable, "-m", "llava.train.bench", "--worker", spec, "--steps", str(args.steps),
+            command = [sys.executable, "-m", "llava.train.step_cost", "--worker", spec, "--steps", str(args.steps),
                        "--batch", str(args.batch), "--threads", str(args.threads)]
             done = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -129,8 +129,17 @@ class VisionTower(nn.Module):
 
     def check_compression(self, compression: CompressionConfig) -> None:
         """A ValueError naming the value and the limit if the budget does not fit this encoder."""
-        if compression.enabled and self.is_loaded:
+        if not compression.enabled:
+            return
+        if self.is_loaded:
             visionzip.check_budget(self.vision_tower, compression, self.select_layer)
+            return
+        # [VisionZip-LLaVA] a model whose tower is not loaded yet (delay_load) is checked against the tower
+        # its config describes, built on the meta device (the structure only: no weights, no memory), so a
+        # budget that cannot fit is refused now rather than at the first image
+        with torch.device("meta"):
+            skeleton = self.model_class(self.cfg_only)
+        visionzip.check_budget(skeleton, compression, self.select_layer)
 
     # ----- geometry ---------------------------------------------------------------------------
     @property

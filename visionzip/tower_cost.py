@@ -1,8 +1,8 @@
-"""Vision-tower benchmark: the vanilla SDPA tower vs our VisionZip vs the official (eager) path.
+"""Vision-tower cost (time and peak memory): the vanilla SDPA tower vs our VisionZip vs the official (eager) path.
 
-    python -m visionzip.benchmark                      # ViT-L/14-336 geometry, batch 1 and 4, CPU
-    python -m visionzip.benchmark --batch 1 8 --device cuda --dtype bfloat16
-    python -m visionzip.benchmark --layers 6 --repeats 3   # a capped tower, for a quick look
+    python -m visionzip.tower_cost                      # ViT-L/14-336 geometry, batch 1 and 4, CPU
+    python -m visionzip.tower_cost --batch 1 8 --device cuda --dtype bfloat16
+    python -m visionzip.tower_cost --layers 6 --repeats 3   # a capped tower, for a quick look
 
 Random weights in the real geometry (nothing is downloaded). Each variant runs in its own process so that
 its peak memory is measured cleanly; ratios are to the vanilla tower measured in the same run.
@@ -60,7 +60,7 @@ def run_worker(args) -> dict:
 
 def run_variant(variant: str, batch: int, args) -> dict:
     command = [
-        sys.executable, "-m", "visionzip.benchmark", "--worker", variant, "--batch", str(batch),
+        sys.executable, "-m", "visionzip.tower_cost", "--worker", variant, "--batch", str(batch),
         "--layers", str(args.layers), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
         "--device", args.device, "--dtype", args.dtype,
         "--dominant", str(args.dominant), "--contextual", str(args.contextual),

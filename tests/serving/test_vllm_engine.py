@@ -1,0 +1,305 @@
+"""Run by ``bash scripts/test_serving.sh`` (not by the default suite: docs/serving.md says why).
+
+The vLLM serving plugin (visionzip.vllm): vLLM's own engine (``vllm.LLM``, CPU backend) in its own
+environment (.venv-vllm, made by scripts/setup_vllm_env.sh) serves a tiny llava-hf LLaVA-1.5 (the official
+tiny fixture, converted with ``llava.convert to-hf``) with vision-side compression selected by
+``hf_overrides``. Asserted: vLLM reserves the compressed count per image (prompt tokens = text + budget, for
+every image of a batch, square or not); its greedy tokens equal this environment's transformers path
+(``apply_compression`` on ``LlavaForConditionalGeneration`` + ``compression_aware_processor``) for the same
+checkpoint, spec, prompt ids and image; bad specs, in-LLM methods and methods that cannot run on vLLM's tower
+are refused at startup with a ValueError naming them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_VENV = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
+ARCHITECTURE = "VisionZipLlavaForConditionalGeneration"
+# spec -> tokens per image, one engine each (after the first, an engine starts in about 5 s)
+SPECS = {"visionzip:64": 64, "pooling:64": 64, "random:32": 32, "vispruner:32": 32}
+# VisPruner's chain of argsorts over near-equal duplication scores flips its selection on this random-weight
+# checkpoint under 1e-6 pixel noise (5 of 5 draws, measured in .venv), so vLLM's kernels (a fused qkv_proj,
+# its own attention) legitimately pick other tokens: its count is checked, its tokens are not. random draws
+# view b of an encoder batch with seed + b (visionzip/methods/random_tokens.py), and vLLM batches the images of
+# concurrent requests: the subset depends on the batch position, so only its count is checked too.
+TOKENS_EQUAL = ("visionzip:64", "pooling:64")
+# refused at startup: in-LLM method, unknown method, a budget beyond the tower, methods vLLM's tower cannot run
+REFUSED = {
+    "fastv:64": "stage 'llm'",
+    "nosuch:64": "unknown compression method 'nosuch'",
+    "visionzip:999": "exceeds the 577 tokens",
+    "tome:64": "does not run on vLLM's CLIP tower",
+}
+PROMPTS = ("USER: <image>\nWhat is in the image? ASSISTANT:", "USER: <image>\nDescribe it. ASSISTANT:")
+MAX_TOKENS = 8
+
+# Runs in .venv-vllm: one engine per spec answering one batch, then the refusals. Prints one JSON line.
+VLLM_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+from PIL import Image
+from vllm import LLM, SamplingParams
+
+
+def main():
+    job = json.loads(open(sys.argv[1]).read())
+    out = {"runs": {}, "refused": {}}
+    images = [Image.open(path).convert("RGB") for path in job["images"]]
+    for spec in job["specs"]:
+        start = time.time()
+        llm = LLM(model=job["model"], hf_overrides={"architectures": [job["architecture"]], "visual_compression": spec},
+                  enforce_eager=True, dtype="float32", max_model_len=1024, max_num_seqs=8, seed=0,
+                  limit_mm_per_prompt={"image": 1})
+        started = time.time() - start
+        requests = [{"prompt_token_ids": ids, "multi_modal_data": {"image": images[i]}}
+                    for ids, i in zip(job["prompt_ids"], job["image_of_request"])]
+        answers = llm.generate(requests, SamplingParams(temperature=0, max_tokens=job["max_tokens"]))
+        out["runs"][spec] = {"engine_start_s": started, "total_s": time.time() - start,
+                             "prompt_tokens": [len(a.prompt_token_ids) for a in answers],
+                             "tokens": [list(a.outputs[0].token_ids) for a in answers]}
+        del llm
+    for spec in job["refused"]:
+        try:
+            LLM(model=job["model"], hf_overrides={"architectures": [job["architecture"]], "visual_compression": spec},
+                enforce_eager=True, dtype="float32", max_model_len=1024, max_num_seqs=8,
+                limit_mm_per_prompt={"image": 1})
+            out["refused"][spec] = "accepted"
+        except Exception as error:
+            out["refused"][spec] = type(error).__name__ + ": " + str(error)
+    print("VLLM_RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+# ----- the engine (.venv-vllm) ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    python = VLLM_VENV / "bin" / "python"
+    if not python.is_file():
+        pytest.fail(
+            f"the vLLM environment {VLLM_VENV} is missing: run `bash scripts/setup_vllm_env.sh` (the README's "
+            "test command does it before the tests)"
+        )
+    return python
+
+
+@pytest.fixture(scope="module")
+def llava_hf(official_checkpoints) -> Path:
+    from llava.convert.core import to_hf
+
+    dst = official_checkpoints / "llava-v1.5-tiny-hf"
+    to_hf(str(official_checkpoints / "llava-v1.5-tiny"), str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    """Three square images at the tower's size (both environments' processors leave them unresized, so the
+    pixels agree exactly) and one wide image (placeholder count only: resizing backends differ)."""
+    folder = tmp_path_factory.mktemp("vllm-images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for index, shape in enumerate([(336, 336, 3)] * 3 + [(200, 500, 3)]):
+        path = folder / f"image{index}.png"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+# request i: prompt PROMPTS[i % 2] with image IMAGE_OF_REQUEST[i]; the last request's image is the wide one
+IMAGE_OF_REQUEST = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def transformers_answers(llava_hf, images) -> dict:
+    """This environment's path per spec: the unexpanded prompt ids (one <image> token each), and for the
+    square images the compressed prompt length and the greedy tokens."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import visionzip
+    from visionzip.hf import compression_aware_processor
+
+    processor = AutoProcessor.from_pretrained(llava_hf)
+    prompt_ids = [processor.tokenizer(PROMPTS[i % 2]).input_ids for i in range(len(IMAGE_OF_REQUEST))]
+    answers = {"prompt_ids": prompt_ids}
+    for spec in SPECS:
+        model = LlavaForConditionalGeneration.from_pretrained(llava_hf, dtype=torch.float32).eval()
+        visionzip.apply_compression(model, spec)
+        aware = compression_aware_processor(processor, model)
+        runs = []
+        for i, image_index in enumerate(IMAGE_OF_REQUEST[:3]):
+            inputs = aware(text=PROMPTS[i % 2], images=Image.open(images[image_index]).convert("RGB"), return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+            length = inputs["input_ids"].shape[1]
+            runs.append({"prompt_tokens": length, "tokens": out[0, length:].tolist()})
+        answers[spec] = runs
+    return answers
+
+
+@pytest.fixture(scope="module")
+def vllm_answers(vllm_python, llava_hf, images, transformers_answers, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("vllm-run")
+    job = {
+        "model": str(llava_hf), "architecture": ARCHITECTURE, "specs": list(SPECS), "refused": list(REFUSED),
+        "images": [str(p) for p in images], "image_of_request": IMAGE_OF_REQUEST,
+        "prompt_ids": transformers_answers["prompt_ids"], "max_tokens": MAX_TOKENS,
+    }
+    (folder / "job.json").write_text(json.dumps(job))
+    (folder / "run.py").write_text(VLLM_SCRIPT)
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        # one process (the engine core in this one): startup errors surface as the plugin's own exceptions
+        VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1",
+    )
+    start = time.time()
+    done = subprocess.run(
+        [str(vllm_python), str(folder / "run.py"), str(folder / "job.json")],
+        capture_output=True, text=True, timeout=900, env=env, cwd=folder,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("VLLM_RESULT ")]
+    assert done.returncode == 0 and len(lines) == 1, (done.stdout + done.stderr)[-6000:]
+    result = json.loads(lines[0][len("VLLM_RESULT "):])
+    result["wall_s"] = time.time() - start
+    print(f"vLLM run: {result['wall_s']:.1f} s;", {s: round(r["engine_start_s"], 1) for s, r in result["runs"].items()})
+    return result
+
+
+def test_vllm_reserves_text_plus_budget_per_image(vllm_answers, transformers_answers):
+    """usage.prompt_tokens (the prompt vLLM schedules and caches) = text tokens + the budget, per image of a
+    batch with different images and prompts, a non-square one included."""
+    text = [len(ids) - 1 for ids in transformers_answers["prompt_ids"]]  # the <image> token becomes the budget
+    for spec, budget in SPECS.items():
+        assert vllm_answers["runs"][spec]["prompt_tokens"] == [n + budget for n in text], spec
+        assert [r["prompt_tokens"] for r in transformers_answers[spec]] == [n + budget for n in text[:3]], spec
+
+
+def test_vllm_greedy_tokens_equal_transformers_path(vllm_answers, transformers_answers):
+    for spec in TOKENS_EQUAL:
+        vllm_tokens = vllm_answers["runs"][spec]["tokens"]
+        assert all(len(tokens) > 0 for tokens in vllm_tokens), spec
+        assert vllm_tokens[:3] == [r["tokens"] for r in transformers_answers[spec]], spec
+
+
+def test_bad_specs_and_unservable_methods_refused_at_startup(vllm_answers):
+    for spec, message in REFUSED.items():
+        refusal = vllm_answers["refused"][spec]
+        assert refusal.startswith("ValueError: ") and message in refusal, (spec, refusal)
+
+
+# ----- the OpenAI-compatible server (llava.serve.vllm), a real HTTP client on localhost -------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(port: int, path: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def _status(port: int, path: str, body: dict) -> int:
+    """The HTTP status of a POST (an error status is returned, not raised)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_openai_server_answers_images_at_the_compressed_count(vllm_python, llava_hf, images, tmp_path):
+    """``python -m llava.serve.vllm --compression visionzip:64`` starts vLLM's OpenAI server; a concurrent batch
+    of chat requests with different images over HTTP is answered, each with usage.prompt_tokens = the same
+    text without the image + 64 (+ the template's newline after <image>, one token). Malformed requests (bad
+    image bytes, a non-image content type, a decompression-bomb image) get a 4xx and the server keeps serving."""
+    import base64
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1")
+    command = [str(vllm_python), "-m", "llava.serve.vllm", "--model", str(llava_hf), "--compression", "visionzip:64",
+               "--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--dtype", "float32",
+               "--max-model-len", "1024", "--max-num-seqs", "4"]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        start = time.time()
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-6000:]
+            assert time.time() - start < 600, "the server did not come up in 600 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        print(f"server up in {time.time() - start:.1f} s")
+        question = {"type": "text", "text": "What is in the image?"}
+
+        def chat(content: list) -> dict:
+            body = {"model": str(llava_hf), "max_tokens": 4, "temperature": 0,
+                    "messages": [{"role": "user", "content": content}]}
+            return _post(port, "/v1/chat/completions", body)
+
+        urls = ["data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() for path in images]
+        with ThreadPoolExecutor(len(urls)) as pool:
+            answers = list(pool.map(lambda url: chat([{"type": "image_url", "image_url": {"url": url}}, question]), urls))
+        text_only = chat([question])["usage"]["prompt_tokens"]
+        for answer in answers:
+            assert answer["usage"]["prompt_tokens"] == text_only + 64 + 1, answer["usage"]
+            assert answer["usage"]["completion_tokens"] > 0
+
+        # malformed requests (issue 22): a client error each, and the server keeps serving
+        huge = tmp_path / "huge.png"
+        from PIL import Image as PILImage
+
+        PILImage.new("1", (30000, 30000)).save(huge)  # 900 M pixels, a few hundred kB: a decompression bomb
+        malformed = {
+            "bad image bytes": "data:image/png;base64," + base64.b64encode(b"these bytes are not a picture").decode(),
+            "wrong content type": "data:text/plain;base64," + base64.b64encode(b"hello").decode(),
+            "huge image": "data:image/png;base64," + base64.b64encode(huge.read_bytes()).decode(),
+        }
+        for what, url in malformed.items():
+            status = _status(port, "/v1/chat/completions", {
+                "model": str(llava_hf), "max_tokens": 4,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, question]}],
+            })
+            assert 400 <= status < 500, (what, status, (tmp_path / "server.log").read_text()[-3000:])
+            assert server.poll() is None, (what, (tmp_path / "server.log").read_text()[-3000:])
+        again = chat([{"type": "image_url", "image_url": {"url": urls[0]}}, question])
+        assert again["usage"]["prompt_tokens"] == text_only + 64 + 1
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

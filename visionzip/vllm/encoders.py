@@ -1,0 +1,87 @@
+"""The encoder adapter for vLLM's own CLIP tower (``vllm.model_executor.models.clip.CLIPVisionModel``).
+
+vLLM's CLIP has the Hugging Face module names (``vision_model.embeddings``, ``pre_layrnorm``,
+``encoder.layers[i].layer_norm1`` / ``self_attn``) with two differences the methods must not see:
+
+- the attention projects q, k and v with one fused ``qkv_proj`` (a ``QKVParallelLinear``, returning
+  ``(output, bias)``), and a layer's ``forward`` takes only the hidden states;
+- vLLM builds the tower only up to LLaVA's feature layer (``vision_feature_layer=-2``: 23 of 24 layers), so
+  the layer count that LLaVA's ``select_layer`` refers to is the config's, not ``len(layers)``.
+
+``VllmCLIPEncoderAdapter`` hides both, so the methods' own code (``settings.encode``) runs on vLLM's tower:
+the tower runs up to the scored layer with vLLM's attention, and the scores come from that layer's q and k
+(``queries_keys``), never from an attention map of the tower. Pure torch: nothing here imports vLLM except
+the tensor-parallel gather, which runs only where the tower's heads are split across ranks.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..encoders import CLIPEncoderAdapter, EncoderCapture
+
+
+class VllmCLIPEncoderAdapter(CLIPEncoderAdapter):
+    """``VisionEncoderAdapter`` over vLLM's ``CLIPVisionModel`` (with or without its ``vision_model`` wrapper)."""
+
+    family = "clip"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.core = getattr(model, "vision_model", model)
+        self.layers = self.core.encoder.layers
+        self.config = self.core.config  # vLLM's wrapper has no .config of its own
+
+    @property
+    def num_layers(self) -> int:
+        # [VisionZip-LLaVA] vLLM truncates the tower after the feature layer; select_layer counts the full tower
+        return int(self.config.num_hidden_layers)
+
+    def layer_index(self, select_layer: int) -> int:
+        index = super().layer_index(select_layer)
+        if index >= len(self.layers):
+            raise ValueError(
+                f"select_layer={select_layer} is layer {index} of the tower, but vLLM built only its first "
+                f"{len(self.layers)} layers (up to the model's vision_feature_layer); score a layer up to that one"
+            )
+        return index
+
+    def run(
+        self,
+        pixel_values: torch.Tensor,
+        select_layer: int = -2,
+        capture_attn_input: bool = True,
+        early_exit: bool = True,
+    ) -> EncoderCapture:
+        """``VisionEncoderAdapter.run`` for vLLM's layers (``layer(hidden)``). ``early_exit`` is always on:
+        vLLM's tower has no complete-forward requirement (no ZeRO-3 hooks)."""
+        self.check_pixels(pixel_values)
+        index = self.layer_index(select_layer)
+        hidden = self.embed(pixel_values.to(dtype=next(self.model.parameters()).dtype))
+        for layer in self.layers[:index]:
+            hidden = layer(hidden)
+        attn_input = self.attention_input(index, hidden) if capture_attn_input else None
+        hidden = self.layers[index](hidden)
+        return EncoderCapture(hidden, attn_input, index)
+
+    def queries_keys(
+        self, layer_index: int, attn_input: torch.Tensor, query_rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """q (B, H, Nq, d), k (B, H, N, d) and the scale of layer ``layer_index``, from its fused ``qkv_proj``
+        (the q and k thirds; k with its bias, before scaling, as ``VisionEncoderAdapter.queries_keys``)."""
+        attn = self.layers[layer_index].self_attn
+        bsz, n, _ = attn_input.shape
+        qkv, _ = attn.qkv_proj(attn_input)
+        q, k, _ = qkv.chunk(3, dim=-1)
+        if getattr(attn, "tp_size", 1) > 1:
+            # [VisionZip-LLaVA] under tensor parallelism each rank holds its heads' q and k; the scores
+            # average over all heads, so gather them (rank order = head order). Not run on CPU here.
+            from vllm.distributed import tensor_model_parallel_all_gather
+
+            q = tensor_model_parallel_all_gather(q.contiguous(), dim=-1)
+            k = tensor_model_parallel_all_gather(k.contiguous(), dim=-1)
+        heads, head_dim = attn.num_heads, attn.head_dim
+        q = q.reshape(bsz, n, heads, head_dim).transpose(1, 2)
+        if query_rows is not None:
+            q = q[:, :, query_rows]
+        k = k.reshape(bsz, n, heads, head_dim).transpose(1, 2)
+        return q, k, float(attn.scale)

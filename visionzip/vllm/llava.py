@@ -1,0 +1,150 @@
+"""LLaVA-1.5 (llava-hf ``LlavaForConditionalGeneration``) served by vLLM with visual-token compression.
+
+Two subclasses of vLLM's own LLaVA classes, no patching of vLLM:
+
+- ``VisionZipLlavaProcessingInfo.get_num_image_tokens``: the placeholder count vLLM writes into the prompt
+  for each image is the compressed count (``settings.tokens_per_view`` of the CLIP tower's 577 tokens), so
+  the KV cache, the scheduler and ``usage.prompt_tokens`` see the shorter sequence;
+- ``VisionZipLlavaForConditionalGeneration._process_image_pixels``: the image features are the method's
+  ``encode`` on vLLM's CLIP tower (``VllmCLIPEncoderAdapter``: the tower runs to the scored layer, the scores
+  come from that layer's q and k), mapped by the projector: one (T, hidden) block per image, T = the count
+  above. The same method code as the Hugging Face path (``visionzip.hf.llava``).
+
+The compression is the config's ``visual_compression`` (a spec ``METHOD:TOKENS`` / ``METHOD:key=value,...``
+or the dict ``apply_compression`` persists), given with ``--hf-overrides``; it is checked when the model is
+built (a ValueError naming the spec: unknown method, a budget the tower cannot give, a method acting inside
+the LLM, a method whose count depends on the image); a method that cannot run on vLLM's tower fails with a
+ValueError naming it at startup (``process_weights_after_loading`` encodes a blank image), not on a request.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from ..config import CompressionConfig
+from ..hf.base import fixed_count, single_layer, vision_settings
+from ..methods import CompressionMethod
+from .encoders import VllmCLIPEncoderAdapter
+
+
+def compression_settings(hf_config) -> CompressionMethod | None:
+    """The vision-side method settings that ``hf_config.visual_compression`` names (None: uncompressed).
+    ValueError for a bad spec or a method that acts inside the LLM (stage ``llm``)."""
+    spec = getattr(hf_config, "visual_compression", None)
+    config = CompressionConfig.parse(spec) if spec else CompressionConfig()
+    if not config.enabled:
+        return None
+    try:
+        settings = vision_settings(config)
+    except ValueError as err:
+        raise ValueError(
+            f"visual_compression={config.spec()!r}: {err}. The vLLM plugin compresses in the vision tower, "
+            "before the language model; in-LLM methods (stage 'llm') are not served"
+        ) from None
+    vision = hf_config.vision_config
+    if type(vision).__name__ != "CLIPVisionConfig":
+        raise ValueError(
+            f"visual_compression={config.spec()!r}: the vLLM plugin has a CLIP tower adapter only, this model's "
+            f"vision tower is {type(vision).__name__}"
+        )
+    return settings
+
+
+def _nest_vision_model(weights: Iterable[tuple[str, torch.Tensor]]):
+    """[VisionZip-LLaVA] transformers 5 saves a LLaVA's CLIP tower without its ``vision_model`` level
+    (``model.vision_tower.embeddings...``), the layout ``llava.convert to-hf`` writes; vLLM 0.32 maps only the
+    4.x names (``model.vision_tower.vision_model.embeddings...``). Rename to the 4.x names."""
+    tower = "model.vision_tower."
+    for name, tensor in weights:
+        if name.startswith(tower) and not name.startswith(tower + "vision_model."):
+            name = tower + "vision_model." + name[len(tower):]
+        yield name, tensor
+
+
+def _unsupported(settings: CompressionMethod, err: Exception) -> ValueError:
+    return ValueError(
+        f"visual_compression={settings.spec()!r}: {settings.name} does not run on vLLM's CLIP tower "
+        f"({type(err).__name__}: {err}); the vLLM plugin serves methods that work through the encoder adapter "
+        "(visionzip.vllm.encoders: the tower up to its feature layer, scores from that layer's q and k)"
+    )
+
+
+def tower_tokens(hf_config) -> int:
+    """Tokens of the CLIP tower's sequence for one image: patches + CLS."""
+    vision = hf_config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 + 1
+
+
+class VisionZipLlavaProcessingInfo(LlavaProcessingInfo):
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        settings = compression_settings(self.get_hf_config())
+        if settings is None:
+            return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        # [VisionZip-LLaVA] every image is resized to the tower's square input: one fixed count per image
+        return fixed_count(settings, tower_tokens(self.get_hf_config()))
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    LlavaMultiModalProcessor,
+    info=VisionZipLlavaProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class VisionZipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """vLLM's LLaVA with the image features of a vision-side compression method."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        config = vllm_config.model_config.hf_config
+        settings = compression_settings(config)  # before any weight is allocated
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.compression = settings
+        self.tower_adapter = VllmCLIPEncoderAdapter(self.vision_tower)
+        if settings is not None:
+            self.feature_layer = single_layer(config.vision_feature_layer, type(self).__name__)
+            try:
+                settings.check(self.tower_adapter, self.feature_layer)
+            except (AttributeError, TypeError, IndexError, NotImplementedError) as err:
+                raise _unsupported(settings, err) from err
+            self.image_tokens = fixed_count(settings, self.tower_adapter.num_tokens)
+
+    def _process_image_pixels(self, inputs) -> torch.Tensor:
+        if self.compression is None:
+            return super()._process_image_pixels(inputs)
+        pixel_values = inputs["pixel_values"]
+        if isinstance(pixel_values, (list, tuple)):
+            pixel_values = torch.stack(list(pixel_values))
+        settings = self.compression
+        try:
+            tokens = settings.encode(self.tower_adapter, pixel_values, self.feature_layer).tokens
+        except (AttributeError, TypeError, IndexError, NotImplementedError) as err:
+            # a method that reaches into module internals vLLM's tower does not have (or into its layers after
+            # the feature layer, which vLLM does not build); raised at startup by process_weights_after_loading
+            raise _unsupported(settings, err) from err
+        if tokens.shape[1] != self.image_tokens:
+            raise ValueError(
+                f"visual_compression={settings.spec()!r} produced {tokens.shape[1]} tokens per image but vLLM "
+                f"reserved {self.image_tokens} placeholders"
+            )
+        # (B, T, C_vision): the projector maps it to B x (T, hidden), T = get_num_image_tokens
+        return tokens
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return super().load_weights(_nest_vision_model(weights))
+
+    @torch.inference_mode()
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook after the weights are loaded and put in kernel format: run the method once
+        on a blank image, so that a method that cannot run on vLLM's tower is refused at startup (GPU startup
+        also encodes dummy images in its profiling run; the CPU backend under ``enforce_eager`` does not)."""
+        if self.compression is None:
+            return
+        size = self.tower_adapter.image_size
+        param = next(self.vision_tower.parameters())
+        self._process_image_pixels({"pixel_values": torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device)})
