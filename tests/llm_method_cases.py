@@ -10,10 +10,31 @@ from PIL import Image
 
 from llava.conversation import get_conv_template
 from llava.mm_utils import process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
 from llava.model.llava_arch import SplicedInputs
+from llava.model.tiny import build_tiny_llava
 from visionzip.llm import Selection
 
 QUESTIONS = ["What is in the picture?", "Describe the colors you see, in detail, please.", "Why?"]
+
+
+def tiny_models(root, layers: int = 4, hidden: int = 64) -> dict:
+    """Tiny random LLaVA-1.5 and LLaVA-NeXT (SDPA) built under ``root``: version -> what
+    ``load_pretrained_model`` returns (tokenizer, model, image processor, context length)."""
+    out = {}
+    for version in ("v1.5", "v1.6"):
+        path = build_tiny_llava(str(root / version), version, hidden=hidden, layers=layers)
+        out[version] = load_pretrained_model(path, None, None, device="cpu", attn_implementation="sdpa")
+    return out
+
+
+def spliced_per_version(models: dict) -> dict:
+    """version -> (the left-padded batch of 3 spliced, each sample alone) on ``models``, uncompressed."""
+    out = {}
+    for version, (tokenizer, model, processor, _) in models.items():
+        model.set_visual_compression(None)
+        out[version] = splice_batch(model, processor, tokenizer)[:2]
+    return out
 
 
 def prompt_ids(tokenizer, question: str) -> torch.Tensor:

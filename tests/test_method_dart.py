@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llm_method_cases import ReplayPruner, make_images, splice_batch
+from llm_method_cases import ReplayPruner, make_images, splice_batch, spliced_per_version, tiny_models
 
 import visionzip
 from llava.eval.run_llava import main as run_llava_main
-from llava.model.builder import load_pretrained_model
 from llava.model.llava_arch import SplicedInputs
-from llava.model.tiny import build_tiny_llava
 from visionzip import CompressionConfig
 from visionzip.methods.dart import DART, claim_quotas, official_dart
 from visionzip.methods.fastv import visual_keep_counts
@@ -22,21 +20,13 @@ LAYERS = 4
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dart")
-    out = {}
-    for version in ("v1.5", "v1.6"):
-        path = build_tiny_llava(str(root / version), version, hidden=64, layers=LAYERS)
-        out[version] = load_pretrained_model(path, None, None, device="cpu", attn_implementation="sdpa")
-    return out
+    return tiny_models(tmp_path_factory.mktemp("dart"), layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
 def spliced(models):
-    out = {}
-    for version, (tokenizer, model, processor, _) in models.items():
-        model.set_visual_compression(None)
-        out[version] = splice_batch(model, processor, tokenizer)[:2]
-    return out
+    """Per version: the left-padded batch of 3 (different images, prompts, lengths) and each sample alone."""
+    return spliced_per_version(models)
 
 
 def run_fast(model, inputs, pruner=None, cache=None, use_cache=False):

@@ -7,13 +7,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from llm_method_cases import QUESTIONS, ReplayPruner, make_images, prompt_ids, splice_batch
+from llm_method_cases import (
+    QUESTIONS,
+    ReplayPruner,
+    make_images,
+    prompt_ids,
+    spliced_per_version,
+    tiny_models,
+)
 from PIL import Image
 
 import visionzip
 from llava.mm_utils import process_images
-from llava.model.builder import load_pretrained_model
-from llava.model.tiny import build_tiny_llava
 from visionzip import CompressionConfig
 from visionzip.methods.divprune import DivPrune, divprune_keep, official_divprune, official_divprune_indices
 
@@ -22,22 +27,13 @@ LAYERS = 4
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("divprune")
-    out = {}
-    for version in ("v1.5", "v1.6"):
-        path = build_tiny_llava(str(root / version), version, hidden=64, layers=LAYERS)
-        out[version] = load_pretrained_model(path, None, None, device="cpu", attn_implementation="sdpa")
-    return out
+    return tiny_models(tmp_path_factory.mktemp("divprune"), layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
 def spliced(models):
     """Per version: the left-padded batch of 3 (different images, prompts, lengths) and each sample alone."""
-    out = {}
-    for version, (tokenizer, model, processor, _) in models.items():
-        model.set_visual_compression(None)
-        out[version] = splice_batch(model, processor, tokenizer)[:2]
-    return out
+    return spliced_per_version(models)
 
 
 def run_fast(model, inputs, cache=None, use_cache=False, pruner=None):
