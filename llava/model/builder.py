@@ -7,7 +7,9 @@ The kind of checkpoint is read from its files, never from its folder name:
 - "projector": ``mm_projector.bin`` / ``mm_projector.safetensors`` + ``config.json``, no full weights, on
                ``model_base``;
 - "llava":     full weights whose config has the LLaVA keys (``model_type`` llava_llama or ``mm_vision_tower``);
-- "language_model": full weights of a plain causal LM (no vision: ``image_processor`` is None).
+- "language_model": full weights of a plain causal LM (no vision: ``image_processor`` is None);
+- "native":    full weights of a family implemented here natively that is not a LLaVA fork (its ``model_type``
+               is a key of ``NATIVE_FAMILIES``: the hub's remote-code checkpoints, loaded without their code).
 """
 from __future__ import annotations
 
@@ -43,11 +45,16 @@ LLAVA_CLASSES = {
     "llava_mistral": (LlavaMistralConfig, LlavaMistralForCausalLM),
 }
 LLAVA_MODEL_TYPES = tuple(LLAVA_CLASSES)
+# model_type of a natively implemented family that is not a LLaVA fork -> "module:function" of its loader,
+# imported only when such a checkpoint is loaded. The loader is called as
+# ``fn(info: CheckpointInfo, load_kwargs: dict, torch_dtype, compression)`` and returns what
+# ``load_pretrained_model`` returns: ``(tokenizer, model, image_processor, context_len)``.
+NATIVE_FAMILIES: dict[str, str] = {}
 
 
 @dataclass
 class CheckpointInfo:
-    kind: str  # "lora" | "projector" | "llava" | "language_model"
+    kind: str  # "lora" | "projector" | "llava" | "language_model" | "native"
     path: str
     config: dict
 
@@ -84,7 +91,9 @@ def inspect_checkpoint(model_path: str) -> CheckpointInfo:
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         kind = "lora"
     elif _first_existing(path, FULL_WEIGHTS):
-        if is_llava:
+        if model_type in NATIVE_FAMILIES:
+            kind = "native"
+        elif is_llava:
             if model_type not in LLAVA_MODEL_TYPES:
                 raise ValueError(
                     f"{model_path!r} is a LLaVA checkpoint with model_type {model_type!r}; supported: {LLAVA_MODEL_TYPES}"
@@ -204,7 +213,7 @@ def load_pretrained_model(
     info = inspect_checkpoint(model_path)
     if info.kind in ("lora", "projector") and model_base is None:
         raise ValueError(f"{model_path!r} is a {info.kind} checkpoint: pass model_base (the language model it was trained on)")
-    if info.kind in ("llava", "language_model") and model_base is not None:
+    if info.kind in ("llava", "language_model", "native") and model_base is not None:
         raise ValueError(
             f"{model_path!r} holds full weights; model_base ({model_base!r}) is only for LoRA or projector-only checkpoints"
         )
@@ -223,6 +232,12 @@ def load_pretrained_model(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_quant_type="nf4",
         )
+
+    if info.kind == "native":
+        import importlib
+
+        module, function = NATIVE_FAMILIES[info.config["model_type"]].split(":")
+        return getattr(importlib.import_module(module), function)(info, load_kwargs, torch_dtype, compression)
 
     if info.kind == "language_model":
         if compression is not None and CompressionConfig.from_dict(
