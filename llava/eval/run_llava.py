@@ -62,12 +62,21 @@ def eval_model(args) -> str:
     )
     if image_processor is None:
         raise ValueError(f"{args.model_path} is a language model without a vision tower")
-    processor = LlavaProcessor.from_model(model, tokenizer, image_processor, args.conv_mode or default_conv_mode(model))
+    # a family whose checkpoints carry their own prompt format (Qwen-VL's chat_format) names its default
+    conv_mode = args.conv_mode or getattr(model, "default_conv_mode", None) or default_conv_mode(model)
+    # a natively implemented family (llava.model.builder.NATIVE_FAMILIES) builds its own prompts and pixels
+    build_processor = getattr(model, "build_processor", None)
+    processor = (build_processor(tokenizer, image_processor, conv_mode) if build_processor is not None
+                 else LlavaProcessor.from_model(model, tokenizer, image_processor, conv_mode))
     inputs = processor([args.query], [images])
     # nothing may be cut silently: the question and "ASSISTANT:" must fit, and the reply stops at the limit
     positions = prompt_positions(model, list(inputs.input_ids), inputs.images, inputs.image_sizes)[0]
     args.max_new_tokens = check_prompt_fits(positions, args.max_new_tokens, model_max_positions(model.config))
     sample = args.temperature > 0
+    if args.compile:  # LLaVA's compiled path: a family that builds its own inputs is refused by name
+        from llava.eval.model_processor import refuse_llava_only_option
+
+        refuse_llava_only_option(model, "--compile", "runs LLaVA's compiled path (llava.model.compiled)")
     generate = generate_function(model, args.compile)
     output_ids = generate(
         **inputs.generate_kwargs(),

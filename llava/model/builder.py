@@ -27,6 +27,7 @@ from visionzip import CompressionConfig
 from .language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from .language_model.llava_mistral import CONV_MODE as MISTRAL_CONV_MODE
 from .language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+from .language_model.mgm_llama import MGMConfig, MGMLlamaForCausalLM
 from .llava_arch import load_weights_file
 from .multimodal_encoder.builder import resolve_vision_tower_path
 from .tokenizer import load_tokenizer
@@ -43,13 +44,20 @@ NON_LORA_WEIGHTS = ("non_lora_trainables.safetensors", "non_lora_trainables.bin"
 LLAVA_CLASSES = {
     "llava_llama": (LlavaConfig, LlavaLlamaForCausalLM),
     "llava_mistral": (LlavaMistralConfig, LlavaMistralForCausalLM),
+    "mgm": (MGMConfig, MGMLlamaForCausalLM),  # Mini-Gemini (LLaVA fork, second HR tower): docs/mgm.md
 }
 LLAVA_MODEL_TYPES = tuple(LLAVA_CLASSES)
 # model_type of a natively implemented family that is not a LLaVA fork -> "module:function" of its loader,
 # imported only when such a checkpoint is loaded. The loader is called as
 # ``fn(info: CheckpointInfo, load_kwargs: dict, torch_dtype, compression)`` and returns what
 # ``load_pretrained_model`` returns: ``(tokenizer, model, image_processor, context_len)``.
-NATIVE_FAMILIES: dict[str, str] = {}
+NATIVE_FAMILIES: dict[str, str] = {
+    "cogvlm": "llava.model.cogvlm.loader:load",  # CogVLM (THUDM/cogvlm-chat-hf remote-code layout): docs/cogvlm.md
+    "qwen": "llava.model.qwen_vl.loader:load",  # Qwen-VL(-Chat) (Qwen/Qwen-VL-Chat remote-code layout): docs/qwen_vl.md
+}
+# architectures of remote-code checkpoints whose config.json has no model_type (their config class declares
+# none: THUDM/cogvlm-chat-hf) -> their key in NATIVE_FAMILIES
+NATIVE_ARCHITECTURES: dict[str, str] = {"CogVLMForCausalLM": "cogvlm"}
 
 
 @dataclass
@@ -86,7 +94,11 @@ def inspect_checkpoint(model_path: str) -> CheckpointInfo:
         raise ValueError(f"cannot tell what {model_path!r} holds: it has no config.json")
     with open(config_file, encoding="utf-8") as handle:
         config = json.load(handle)
-    model_type = config.get("model_type")
+    model_type = config.get("model_type") or next(
+        (NATIVE_ARCHITECTURES[a] for a in config.get("architectures") or () if a in NATIVE_ARCHITECTURES), None
+    )
+    if model_type in NATIVE_FAMILIES:
+        config["model_type"] = model_type
     is_llava = model_type in LLAVA_MODEL_TYPES or bool(config.get("mm_vision_tower"))
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         kind = "lora"

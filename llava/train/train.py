@@ -15,6 +15,7 @@ language model trains on the compressed sequence.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -378,6 +379,28 @@ def check_compression_trainable(compression_args, image_aspect_ratio: str | None
         compression.settings.check_training()
 
 
+# checkpoint model types the trainer builds as LlavaLlamaForCausalLM (a plain Llama LM or a LLaVA-1.5/NeXT
+# checkpoint); another family would train without what makes it that family
+TRAINABLE_MODEL_TYPES = ("llama", "llava_llama", "llava")
+
+
+def check_model_trainable(model_name_or_path: str) -> None:
+    """Refuse, before anything loads, a local checkpoint of a family the trainer cannot build: Mini-Gemini
+    (``mgm``: its HR tower and patch-info mining need MGM's data pipeline), the native families (Qwen-VL,
+    CogVLM) and Mistral-based LLaVA would be loaded as LLaVA-Llama and lose what makes them that family."""
+    config_file = os.path.join(model_name_or_path, "config.json")
+    if not os.path.isfile(config_file):
+        return  # a hub id: transformers resolves it and the class check happens at load
+    with open(config_file, encoding="utf-8") as handle:
+        config = json.load(handle)
+    model_type = config.get("model_type") or "/".join(config.get("architectures") or ["?"])
+    if model_type not in TRAINABLE_MODEL_TYPES:
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path!r} is a {model_type!r} checkpoint; the trainer builds "
+            f"LLaVA-Llama models only (model_type one of {TRAINABLE_MODEL_TYPES})"
+        )
+
+
 def preflight(model_args, data_args, compression_args, training_args) -> tuple[StartPlan, dict, list[dict]]:
     """Everything checked before the model loads: required arguments, output != input, how the run starts
     (``plan_start``: finished run, run identity, settings), the output folder (writable, room), the data
@@ -390,6 +413,7 @@ def preflight(model_args, data_args, compression_args, training_args) -> tuple[S
     if not data_args.data_path:
         raise ValueError("--data_path is required")
     check_compression_trainable(compression_args, data_args.image_aspect_ratio)
+    check_model_trainable(model_args.model_name_or_path)
     output_dir = training_args.output_dir
     check_output_is_not_input(output_dir, model_args.model_name_or_path, model_args.pretrain_mm_mlp_adapter)
     fingerprint = run_fingerprint(model_args, data_args, compression_args, training_args)

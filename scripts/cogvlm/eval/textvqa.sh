@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# CogVLM (cogvlm-chat-v1.1, 17B): TextVQA val (LLaVA's question file, with OCR tokens in the question): VQA accuracy.
+# The v1.5 pipeline (one view per image) on the natively implemented CogVLM (docs/cogvlm.md), with the budgets
+# of VisPruner's Table 4: none (all 1225 tokens), fastv 123, vispruner 123 (10 % kept) per image.
+# MODEL_PATH: a local copy of THUDM/cogvlm-chat-hf with Vicuna-7B-v1.5's tokenizer files copied in (the hub
+# repository ships none); the prompt is the checkpoint's ("Question: {q} Answer:"), CONV_MODE does not apply.
+# Usage: bash scripts/cogvlm/eval/textvqa.sh METHOD [BUDGET]      e.g.  textvqa.sh vispruner 123  |  textvqa.sh fastv 123  |  textvqa.sh none
+export MODEL_PATH=${MODEL_PATH:-THUDM/cogvlm-chat-hf}
+export MODEL_FAMILY=v1.5
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../../v1_5/eval/textvqa.sh" "$@"
