@@ -99,3 +99,39 @@ class ReplayPruner:
         if isinstance(recorded, Selection):
             return Selection(keep, recorded.extra, recorded.extra_valid, recorded.insert_after)
         return keep
+
+
+def replay_decoding(model, tokenizer, both: SplicedInputs, replay: ReplayPruner, cache, chunk_tokens: int = 4,
+                    steps: int = 2, atol: float = 1e-4) -> None:
+    """Decoding on the KV cache a pruned prefill left equals replaying the prefill's selection without a cache.
+
+    ``cache``: what ``model.get_model().pruned_forward(..., use_cache=True, ..., replay)`` returned for the
+    spliced batch ``both`` (left padded). Runs a chat-style chunk of ``chunk_tokens`` tokens (a later turn:
+    never pruned) and ``steps`` greedy steps on it, then for each of them the whole sequence without a cache
+    with ``replay`` replaying the prefill's keep masks: the last-token logits agree within ``atol``."""
+    llm = model.get_model()
+    embeds, mask, positions = both.inputs_embeds, both.attention_mask.bool(), both.position_ids
+    batch = embeds.shape[0]
+    chunk = torch.tensor([tokenizer("Tell me more", add_special_tokens=False).input_ids[:chunk_tokens]] * batch)
+    new_ids = [chunk]
+    logits = model(input_ids=chunk, attention_mask=torch.cat([mask, torch.ones_like(chunk, dtype=torch.bool)], 1),
+                   position_ids=positions[:, -1:] + 1 + torch.arange(chunk.shape[1]), cache=cache,
+                   use_cache=True).logits
+    cached = [logits[:, -1]]
+    for _ in range(steps):
+        token = cached[-1].argmax(-1, keepdim=True)
+        new_ids.append(token)
+        total = sum(t.shape[1] for t in new_ids)
+        cached.append(model(input_ids=token, attention_mask=torch.cat([mask, torch.ones(batch, total, dtype=torch.bool)], 1),
+                            position_ids=positions[:, -1:] + total, cache=cache, use_cache=True).logits[:, -1])
+    all_ids = torch.cat(new_ids, dim=1)
+    for step, expected in enumerate(cached):
+        extra = chunk.shape[1] + step
+        replay.extra = extra
+        full = torch.cat([embeds, llm.embed_tokens(all_ids[:, :extra])], dim=1)
+        full_mask = torch.cat([mask, torch.ones(batch, extra, dtype=torch.bool)], 1)
+        full_positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(extra)], 1)
+        full_visual = torch.cat([both.visual_mask, torch.zeros(batch, extra, dtype=torch.bool)], 1)
+        out = llm.pruned_forward(full, full_mask, full_positions, None, False, full_visual, replay)
+        torch.testing.assert_close(model.lm_head(out.last_hidden_state[:, -1]), expected, atol=atol, rtol=0)
+    replay.extra = 0

@@ -183,9 +183,10 @@ def test_llava_next_layout_counts_and_batching(llava_next):
         visionzip.apply_compression(model, "none")
 
 
-def test_llava_next_refuses_the_spatial_layout_and_oversized_budgets(llava_next):
+def test_llava_next_takes_the_spatial_layout_and_refuses_oversized_budgets(llava_next):
     model, _ = llava_next
-    with pytest.raises(ValueError, match="anyres_layout='official'"):
-        visionzip.apply_compression(model, "visionzip:8", anyres_layout="spatial")
+    visionzip.apply_compression(model, "visionzip:8", anyres_layout="spatial")  # tests/test_pipeline.py runs it
+    assert current_compression(model).anyres_layout == "spatial"
+    visionzip.apply_compression(model, "none")
     with pytest.raises(ValueError, match="exceeds the 65 tokens"):
         visionzip.apply_compression(model, "visionzip:dominant=60,contextual=6")

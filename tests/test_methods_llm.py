@@ -10,6 +10,7 @@ from llm_method_cases import (
     ReplayPruner,
     make_images,
     prompt_ids,
+    replay_decoding,
     spliced_per_version,
     tiny_models,
 )
@@ -108,40 +109,14 @@ def test_decoding_on_the_pruned_cache_equals_replaying_the_selection_without_cac
     replay = ReplayPruner(model.llm_pruner())
     embeds, mask, positions = both.inputs_embeds, both.attention_mask.bool(), both.position_ids
     with torch.no_grad():
-        # prefill with a cache, then a chat-style 4-token chunk, then 3 greedy steps
+        # prefill with a cache, then a chat-style 4-token chunk and 3 greedy steps, each against the replay
         prefill = llm.pruned_forward(embeds, mask, positions, None, True, both.visual_mask, replay)
         cache = prefill.cache
         assert llm.pruned_prefix(cache) is not None
         lengths = [cache.get_seq_length(layer) for layer in range(LAYERS)]
         first = replay.layers[0]
         assert lengths[0] == embeds.shape[1] and lengths[first] < lengths[first - 1]
-        chunk = torch.tensor([tokenizer("Tell me more", add_special_tokens=False).input_ids[:4]] * 3)
-        new_ids = [chunk]
-        logits = model(input_ids=chunk, attention_mask=torch.cat([mask, torch.ones_like(chunk, dtype=torch.bool)], 1),
-                       position_ids=positions[:, -1:] + 1 + torch.arange(chunk.shape[1]), cache=cache,
-                       use_cache=True).logits
-        cached_logits = [logits[:, -1]]
-        for _ in range(3):
-            token = cached_logits[-1].argmax(-1, keepdim=True)
-            new_ids.append(token)
-            total = sum(t.shape[1] for t in new_ids)
-            step_mask = torch.cat([mask, torch.ones(3, total, dtype=torch.bool)], 1)
-            step_positions = positions[:, -1:] + total
-            cached_logits.append(
-                model(input_ids=token, attention_mask=step_mask, position_ids=step_positions, cache=cache,
-                      use_cache=True).logits[:, -1]
-            )
-        # no cache: the whole sequence, the prefill's selection replayed, every step
-        all_ids = torch.cat(new_ids, dim=1)
-        for step, expected in enumerate(cached_logits):
-            extra = chunk.shape[1] + step
-            replay.extra = extra
-            full = torch.cat([embeds, llm.embed_tokens(all_ids[:, :extra])], dim=1)
-            full_mask = torch.cat([mask, torch.ones(3, extra, dtype=torch.bool)], 1)
-            full_positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(extra)], 1)
-            full_visual = torch.cat([both.visual_mask, torch.zeros(3, extra, dtype=torch.bool)], 1)
-            out = llm.pruned_forward(full, full_mask, full_positions, None, False, full_visual, replay)
-            torch.testing.assert_close(model.lm_head(out.last_hidden_state[:, -1]), expected, atol=1e-4, rtol=0)
+        replay_decoding(model, tokenizer, both, replay, cache, chunk_tokens=4, steps=3)
 
 
 @pytest.mark.parametrize("version", ["v1.5", "v1.6"])
@@ -277,3 +252,29 @@ def test_sparsevlm_matches_the_official_code_batch_1_and_3(version, models, spli
             expected = settings.llm_token_schedule(LAYERS, int(single.visual_mask.sum()),
                                                    model.get_vision_tower().num_patches)
             assert ref_visual == expected[-1]
+
+
+@pytest.mark.parametrize("spec", ["fastv:tokens=64,layer=2", "dart:tokens=64,layer=2",
+                                  "sparsevlm:layers=1/2,counts=66/30", "pdrop:layers=1/3,ratios=0.5/0.125"])
+def test_a_cached_prefill_keeps_what_an_uncached_one_keeps_and_builds_the_mask_once_per_drop(spec, models, spliced,
+                                                                                             monkeypatch):
+    """With a KV cache the scoring layer's keys are read from it (FastV, DART, SparseVLM score by a layer that
+    has run): the same kept tokens and logits as the prefill without a cache, which projects them again.
+    The causal mask (and the rotary tables) are built before layer 0 and after each drop only, not per layer
+    (create_causal_mask returns None for SDPA without padding: that must not read as 'not built yet')."""
+    from visionzip import decoder_loop
+
+    _, model, _, _ = models["v1.5"]
+    model.set_visual_compression(spec)
+    calls = []
+    real = decoder_loop.create_causal_mask
+    monkeypatch.setattr(decoder_loop, "create_causal_mask", lambda **kw: calls.append(kw["layer_idx"]) or real(**kw))
+    both, singles = spliced["v1.5"]
+    drops = list(model.llm_pruner().layers)
+    for inputs in (singles[0], both):
+        plain_logits, plain = run_fast(model, inputs)
+        calls.clear()
+        cached_logits, cached = run_fast(model, inputs, use_cache=True)
+        assert calls == [0] + drops
+        assert torch.equal(cached.kept_index[cached.kept_valid], plain.kept_index[plain.kept_valid])
+        torch.testing.assert_close(cached_logits, plain_logits, atol=1e-5, rtol=0)

@@ -2,8 +2,8 @@
 
 For a user who holds a Hugging Face vision model (``CLIPVisionModel``, ``SiglipVisionModel``, ...) rather
 than a whole VLM (for that: ``apply_compression``). Model code (``llava``'s tower, the ``visionzip.hf``
-families) builds its encoder adapter once and calls the method's ``check`` / ``encode`` itself: the same
-calls these functions make.
+families) builds its encoder adapter once and runs ``visionzip.pipeline``'s stages: the same calls these
+functions make.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from .config import CompressionConfig
 from .encoders import EncoderCapture, VisionEncoderAdapter, encoder_adapter
 from .methods import CompressedTokens
+from .pipeline import encode_views
 
 
 def _settings(config: CompressionConfig):
@@ -48,4 +49,4 @@ def compress(
     adapter = encoder_adapter(vision_model)
     settings.check(adapter, select_layer)
     adapter.check_pixel_values(pixel_values)
-    return settings.encode(adapter, pixel_values, select_layer)
+    return encode_views(adapter, pixel_values, select_layer, settings).compressed

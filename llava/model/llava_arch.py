@@ -7,7 +7,6 @@ text embeddings.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -23,9 +22,10 @@ from llava.constants import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
 )
-from visionzip import CompressedTokens, CompressionConfig
+from visionzip import CompressionConfig
+from visionzip.pipeline import ViewTokens, layout_images, project
 
-from .anyres import anyres_image_features
+from .anyres import crop_grid
 from .multimodal_encoder.builder import build_vision_tower
 from .multimodal_projector.builder import build_vision_projector
 from .splice import splice_image_features_on_device, spliced_length, spliced_sizes
@@ -35,28 +35,9 @@ logger = logging.getLogger(__name__)
 MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
 
 
-@dataclass
-class ProjectedTokens:
-    """Stage 2 of the image pipeline: each view's tokens in the LLM's embedding space.
-
-    tokens: (V, T, hidden) projected tokens of V views. compressed: the method's ``CompressedTokens`` of
-    the same views (encoder space, with the kept positions the anyres layouts need), or None when the
-    tower's output was not compressed.
-    """
-
-    tokens: torch.Tensor
-    compressed: CompressedTokens | None
-
-    def slice(self, start: int, stop: int) -> ProjectedTokens:
-        part = slice(start, stop)
-        if self.compressed is None:
-            return ProjectedTokens(self.tokens[part], None)
-        merged = self.compressed.merged_indices
-        compressed = dataclasses.replace(
-            self.compressed, tokens=self.compressed.tokens[part], keep_indices=self.compressed.keep_indices[part],
-            merged_indices=None if merged is None else merged[part],
-        )
-        return ProjectedTokens(self.tokens[part], compressed)
+# Stage 2 of the image pipeline: each view's tokens in the LLM's embedding space, (V, T, hidden), with the
+# method's ``CompressedTokens`` of the same views (or None): ``visionzip.pipeline.ViewTokens``
+ProjectedTokens = ViewTokens
 
 
 @dataclass
@@ -228,9 +209,11 @@ class LlavaMetaForCausalLM(ABC):
 
         pixel_values: (B, 3, S, S) (one view per image) or, for anyres, a (B, 1 + crops, 3, S, S) tensor or a
         list of (1 + crops_i, 3, S, S) tensors (base image first, then the crops row by row).
-        Stages: the tower (with any vision-side compression; ``VisionTower.encode``) -> encoder-space tokens
-        per view; the projector -> ``ProjectedTokens``; the per-image layout (``llava.model.anyres``) ->
-        ``ImageFeatures.per_image``, one (T_i, hidden) tensor per image in the order given.
+        Stages, those of ``visionzip.pipeline`` on this model's tower, projector and crop grids: the tower
+        (with any vision-side compression; ``VisionTower.encode``) -> encoder-space tokens per view; the
+        projector -> ``ProjectedTokens``; the per-image layout (``layout_images``: flat, or the NeXT layout of
+        ``anyres_layout`` on the grids of ``llava.model.anyres.crop_grid``) -> ``ImageFeatures.per_image``,
+        one (T_i, hidden) tensor per image in the order given.
         ``project_views``: what runs stages 1-2 on the stacked views (default ``self.project_views``; the
         compiled path, ``llava.model.compiled``, passes its captured graph of them).
         """
@@ -242,46 +225,47 @@ class LlavaMetaForCausalLM(ABC):
         if counts is None:
             per_image = list(projected.tokens.unbind(0))
         elif merge_type == "flat":
-            per_image = [f.flatten(0, 1) for f in projected.tokens.split(counts, dim=0)]
+            per_image = layout_images(projected, counts, "flat")
         else:
-            per_image = self._spatial_layouts(projected, counts, image_sizes, merge_type)
+            newline = self.get_model().image_newline if "unpad" in merge_type else None
+            layout = self.get_visual_compression().anyres_layout
+            per_image = layout_images(projected, counts, layout, self._crop_grids(counts, image_sizes), newline)
         return ImageFeatures(per_image, projected)
 
     def project_views(self, views: torch.Tensor) -> ProjectedTokens:
         """Views (V, 3, S, S) -> the tower's (compressed) tokens of each view, projected into the LLM's
         embedding space: ``ProjectedTokens`` (V, T, hidden). The tower runs once for all views."""
         tokens, compressed = self.get_vision_tower().encode(views, self.get_visual_compression())
-        projector = self.get_model().mm_projector
-        weight = next(projector.parameters(), None)
-        if weight is not None and weight.dtype.is_floating_point:
-            tokens = tokens.to(weight.dtype)
-        return ProjectedTokens(projector(tokens), compressed)
+        return project(self.get_model().mm_projector, ViewTokens(tokens, compressed))
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) -> projected visual tokens (B, T, hidden) (the original LLaVA's call)."""
         return self.project_views(images).tokens
 
-    def _spatial_layouts(self, projected: ProjectedTokens, counts, image_sizes, merge_type: str) -> list[torch.Tensor]:
+    def _crop_grids(self, counts: list[int], image_sizes) -> list:
+        """The crop grid (``visionzip.pipeline.CropGrid``) of each anyres image, None for one-view images."""
         if image_sizes is None:
             raise ValueError("anyres images with a spatial mm_patch_merge_type need image_sizes (width, height)")
         if len(image_sizes) != len(counts):
             raise ValueError(f"got {len(counts)} images but {len(image_sizes)} image_sizes")
         tower = self.get_vision_tower()
-        newline = self.get_model().image_newline if "unpad" in merge_type else None
-        layout = self.get_visual_compression().anyres_layout
-        out, start = [], 0
+        aspect = getattr(self.config, "image_aspect_ratio", None)
+        grids = []
         for count, size in zip(counts, image_sizes):
-            views = projected.slice(start, start + count)
-            start += count
-            out.append(
-                anyres_image_features(
-                    views.tokens, views.compressed, size, newline, layout,
-                    image_aspect_ratio=getattr(self.config, "image_aspect_ratio", None),
-                    grid_pinpoints=getattr(self.config, "image_grid_pinpoints", None),
-                    image_size_px=tower.image_size, side=tower.num_patches_per_side,
+            if count == 1:
+                grids.append(None)
+                continue
+            if aspect != "anyres":
+                raise ValueError(f"{count} views per image need image_aspect_ratio 'anyres', not {aspect!r}")
+            grid = crop_grid(size, getattr(self.config, "image_grid_pinpoints", None), tower.image_size,
+                             tower.num_patches_per_side)
+            if grid.crops != count - 1:
+                raise ValueError(
+                    f"image of size {tuple(size)} has a {grid.rows} x {grid.cols} crop grid but {count - 1} crops "
+                    "were given"
                 )
-            )
-        return out
+            grids.append(grid)
+        return grids
 
     # ----- the multimodal splice ---------------------------------------------------------------
     def splice_multimodal(

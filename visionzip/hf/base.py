@@ -7,7 +7,8 @@ A family (one file in this package) says, for each visual input it has (``Modali
   ``pooler_output`` holds the features the LLM sees);
 - ``counts(model, settings, processor_output)``: how many placeholder tokens each image / video becomes,
   so that the processor writes that many into ``input_ids``;
-- ``expected(model, settings, forward_kwargs)``: the total the model's forward needs for its pixels;
+- ``expected(model, settings, forward_kwargs)``: the total the model's forward needs for its pixels (None
+  where only the encoded pixels tell: LLaVA-NeXT's spatial layout; the model's own check runs then);
 
 and ``check(model, config)``: the budget against the encoder (ValueError naming the value and the
 limit), run when the compression is applied, before any forward.
@@ -278,7 +279,7 @@ def install(family: HFFamily, model, config: CompressionConfig):
                 expected = _count(encoded)
             else:
                 continue
-            if found != expected:
+            if expected is not None and found != expected:  # None: known once encoded (the model checks)
                 raise ValueError(
                     f"input_ids hold {found} {modality.name} placeholder tokens but {config.spec()} gives {expected} "
                     f"{modality.name} features for these inputs: build the inputs with visionzip.hf."

@@ -34,6 +34,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..encoders import EncoderCapture, VisionEncoderAdapter
+from ..pipeline import encode_views, placeholder_count, project
 from .base import HFFamily, Modality, fixed_count, register_family, single_layer, vision_settings
 
 
@@ -208,11 +209,11 @@ def image_features(model, config, pixel_values, vision_feature_layer=None, visio
     if pixel_values.dim() != 4:
         raise ValueError(f"InternVL pixel_values must be (tiles, 3, S, S), got {tuple(pixel_values.shape)}")
     check_strategy(model, vision_feature_select_strategy)
-    settings = vision_settings(config)
-    compressed = settings.encode(tower_adapter(model), pixel_values, feature_layer(model, vision_feature_layer))
-    projector = model.model.multi_modal_projector
-    features = projector(compressed.tokens.to(next(projector.parameters()).dtype))
-    return BaseModelOutputWithPooling(last_hidden_state=compressed.tokens, pooler_output=features)
+    encoded = encode_views(
+        tower_adapter(model), pixel_values, feature_layer(model, vision_feature_layer), vision_settings(config)
+    )
+    features = project(model.model.multi_modal_projector, encoded).tokens
+    return BaseModelOutputWithPooling(last_hidden_state=encoded.tokens, pooler_output=features)
 
 
 def _per_view(model, settings) -> int:
@@ -221,7 +222,7 @@ def _per_view(model, settings) -> int:
 
 def placeholder_counts(model, settings, image_inputs) -> list[int]:
     """Placeholders per image: its tiles (``num_patches``, thumbnail included) x ``tokens_per_view``."""
-    return [int(tiles) * _per_view(model, settings) for tiles in image_inputs["num_patches"]]
+    return [placeholder_count("flat", int(tiles), _per_view(model, settings)) for tiles in image_inputs["num_patches"]]
 
 
 def expected_count(model, settings, kwargs) -> int:

@@ -4,14 +4,16 @@ The HF model's image features are ``multi_modal_projector(hidden_states[vision_f
 CLIP tower, minus CLS under ``vision_feature_select_strategy="default"``: one (576, hidden) block per image.
 With compression, the tower runs to the scored layer (``vision_feature_layer``), the method compresses
 each image on its own (``settings.encode``; VisionZip keeps CLS among its dominant tokens, as the official
-LLaVA code does), and the projector maps the kept tokens: ``tokens_per_view`` features per image.
+LLaVA code does), and the projector maps the kept tokens: ``tokens_per_view`` features per image. The
+stages are ``visionzip.pipeline``'s on this family's tower, projector and layer (the ``flat`` layout).
 """
 from __future__ import annotations
 
-import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..encoders import encoder_adapter
+from ..pipeline import ViewTokens, encode_views, placeholder_count
+from ..pipeline import project as project_views
 from .base import HFFamily, Modality, fixed_count, register_family, single_layer, vision_settings
 
 
@@ -24,10 +26,9 @@ def feature_layer(model, vision_feature_layer=None) -> int:
     return single_layer(layer, type(model).__name__)
 
 
-def project(model, tokens: torch.Tensor) -> torch.Tensor:
-    """(V, T, C_vision) kept encoder tokens -> (V, T, hidden) LLM features."""
-    projector = model.model.multi_modal_projector
-    return projector(tokens.to(next(projector.parameters()).dtype))
+def project(model, encoded: ViewTokens) -> ViewTokens:
+    """(V, T, C_vision) kept encoder tokens -> (V, T, hidden) LLM features, through the family's projector."""
+    return project_views(model.model.multi_modal_projector, encoded)
 
 
 def view_tokens(model) -> int:
@@ -52,15 +53,16 @@ def image_features(
             "image_sizes is for towers with variable input size (Pixtral); the compressed CLIP path takes "
             "fixed-size (B, 3, S, S) pixel_values"
         )
-    settings = vision_settings(config)
-    compressed = settings.encode(tower_adapter(model), pixel_values, feature_layer(model, vision_feature_layer))
-    features = project(model, compressed.tokens)
-    return BaseModelOutputWithPooling(last_hidden_state=compressed.tokens, pooler_output=list(features.unbind(0)))
+    encoded = encode_views(
+        tower_adapter(model), pixel_values, feature_layer(model, vision_feature_layer), vision_settings(config)
+    )
+    features = project(model, encoded).tokens
+    return BaseModelOutputWithPooling(last_hidden_state=encoded.tokens, pooler_output=list(features.unbind(0)))
 
 
 def placeholder_counts(model, settings, image_inputs) -> list[int]:
-    adapter = tower_adapter(model)
-    return [fixed_count(settings, adapter.num_tokens)] * len(image_inputs["pixel_values"])
+    count = placeholder_count("flat", 1, fixed_count(settings, tower_adapter(model).num_tokens))
+    return [count] * len(image_inputs["pixel_values"])
 
 
 def expected_count(model, settings, kwargs) -> int | None:

@@ -3,7 +3,7 @@ token, so VisionZip scores by the mean attention each token receives, paper appe
 multi-image samples and videos.
 
 - Single-image samples: base view + crop grid, every view compressed to ``tokens_per_view`` and laid out
-  as the official VisionZip LLaVA-NeXT code lays out crops (``visionzip.official_anyres_layout``; no
+  as the official VisionZip LLaVA-NeXT code lays out crops (``visionzip.pipeline``'s ``official`` layout; no
   unpad, no ``image_newline``, no anyres_max downsampling, which compression replaces):
   ``(1 + rows * cols) * tokens_per_view`` features.
 - Multi-image samples (``batch_num_images`` > 1): one view per image, ``tokens_per_view`` each.
@@ -20,8 +20,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     image_size_to_num_patches,
 )
 
-from ..anyres import official_anyres_layout
-from ..methods import CompressedTokens
+from ..pipeline import CropGrid, encode_views, layout_images, placeholder_count
 from .base import HFFamily, Modality, fixed_count, register_family, vision_settings
 from .llava import feature_layer, project, tower_adapter, view_tokens
 
@@ -38,6 +37,13 @@ def check(model, config) -> None:
             "official VisionZip NeXT code does; use anyres_layout='official'"
         )
     settings.check(tower_adapter(model), feature_layer(model))
+
+
+def _grid(model, size, side: int) -> CropGrid:
+    """The crop grid of an image of ``size`` (height, width)."""
+    rows, cols = get_anyres_image_grid_shape(_size(size), model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+    height, width = _size(size)
+    return CropGrid(rows, cols, side, (width, height))
 
 
 def _views(model, image_sizes, batch_num_images) -> list[int]:
@@ -62,21 +68,11 @@ def image_features(
     views = _views(model, image_sizes, batch_num_images)
     if pixel_values.dim() == 5:
         pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, views)], dim=0)
-    settings = vision_settings(config)
     adapter = tower_adapter(model)
-    compressed = settings.encode(adapter, pixel_values, feature_layer(model, vision_feature_layer))
-    features = project(model, compressed.tokens)
-    out, start = [], 0
-    for count, size in zip(views, image_sizes):
-        part = slice(start, start + count)
-        start += count
-        if count == 1:
-            out.append(features[part][0])
-            continue
-        rows, cols = get_anyres_image_grid_shape(_size(size), model.config.image_grid_pinpoints, model.config.vision_config.image_size)
-        crops = CompressedTokens(features[part][1:], compressed.keep_indices[part][1:], compressed.has_cls, compressed.cls_kept)
-        out.append(torch.cat([features[part][0], official_anyres_layout(crops, rows, cols, adapter.patches_per_side)]))
-    return BaseModelOutputWithPooling(last_hidden_state=compressed.tokens, pooler_output=out)
+    encoded = encode_views(adapter, pixel_values, feature_layer(model, vision_feature_layer), vision_settings(config))
+    grids = [_grid(model, size, adapter.patches_per_side) if count > 1 else None for count, size in zip(views, image_sizes)]
+    out = layout_images(project(model, encoded), views, "official", grids)
+    return BaseModelOutputWithPooling(last_hidden_state=encoded.tokens, pooler_output=out)
 
 
 def video_features(model, config, pixel_values_videos, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
@@ -84,11 +80,13 @@ def video_features(model, config, pixel_values_videos, vision_feature_layer=None
     if pixel_values_videos.dim() != 5:
         raise ValueError(f"pixel_values_videos must be (B, frames, 3, S, S), got {tuple(pixel_values_videos.shape)}")
     batch, frames = pixel_values_videos.shape[:2]
-    settings = vision_settings(config)
-    compressed = settings.encode(tower_adapter(model), pixel_values_videos.flatten(0, 1), feature_layer(model, vision_feature_layer))
-    features = project(model, compressed.tokens).reshape(batch, -1, model.config.text_config.hidden_size)
+    encoded = encode_views(
+        tower_adapter(model), pixel_values_videos.flatten(0, 1), feature_layer(model, vision_feature_layer),
+        vision_settings(config),
+    )
+    features = project(model, encoded).tokens.reshape(batch, -1, model.config.text_config.hidden_size)
     newline = model.model.image_newline[None, None].expand(batch, 1, -1).to(features.dtype)
-    return BaseModelOutputWithPooling(last_hidden_state=compressed.tokens, pooler_output=torch.cat([features, newline], dim=1))
+    return BaseModelOutputWithPooling(last_hidden_state=encoded.tokens, pooler_output=torch.cat([features, newline], dim=1))
 
 
 def _per_view(model, settings) -> int:
@@ -96,8 +94,13 @@ def _per_view(model, settings) -> int:
 
 
 def image_counts(model, settings, inputs) -> list[int]:
-    views = _views(model, inputs["image_sizes"], inputs.get("batch_num_images"))
-    return [n * _per_view(model, settings) for n in views]
+    sizes = inputs["image_sizes"]
+    views = _views(model, sizes, inputs.get("batch_num_images"))
+    side = tower_adapter(model).patches_per_side
+    return [
+        placeholder_count("official", n, _per_view(model, settings), _grid(model, size, side) if n > 1 else None)
+        for n, size in zip(views, sizes)
+    ]
 
 
 def image_expected(model, settings, kwargs) -> int:
@@ -105,7 +108,8 @@ def image_expected(model, settings, kwargs) -> int:
 
 
 def video_counts(model, settings, inputs) -> list[int]:
-    return [len(video) * _per_view(model, settings) + 1 for video in inputs["pixel_values_videos"]]
+    # frames in order, then the one image_newline OneVision puts after a video
+    return [placeholder_count("flat", len(video), _per_view(model, settings)) + 1 for video in inputs["pixel_values_videos"]]
 
 
 def video_expected(model, settings, kwargs) -> int:

@@ -6,13 +6,15 @@ its own to ``tokens_per_view`` tokens: the budget is per frame, as in the Vision
 table (8 frames x 256 tokens; ``visionzip:17`` keeps 17 per frame, 136 per video). Video-LLaVA feeds all
 257 tokens of a frame (CLS included) to the LLM; a frame's compressed tokens are the method's (VisionZip
 keeps CLS among its dominant tokens). A video of F frames becomes ``F * tokens_per_view`` features, in
-frame order. Images: as LLaVA-1.5 (``visionzip/hf/llava.py``), through the image tower.
+frame order. Images: as LLaVA-1.5 (``visionzip/hf/llava.py``), through the image tower. Both are
+``visionzip.pipeline``'s stages (``flat`` layout) on the tower of their input.
 """
 from __future__ import annotations
 
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..encoders import encoder_adapter
+from ..pipeline import encode_views, placeholder_count
 from .base import HFFamily, Modality, fixed_count, register_family, single_layer, vision_settings
 from .llava import project
 
@@ -32,9 +34,10 @@ def image_features(model, config, pixel_values=None, vision_feature_layer=None, 
     """pixel_values (B, 3, S, S) -> pooler_output (B, T, hidden)."""
     if pixel_values is None:
         pixel_values = kwargs.get("pixel_values_images")
-    settings = vision_settings(config)
-    compressed = settings.encode(encoder_adapter(model.model.image_tower), pixel_values, _layer(model, vision_feature_layer))
-    return BaseModelOutputWithPooling(last_hidden_state=compressed.tokens, pooler_output=project(model, compressed.tokens))
+    encoded = encode_views(
+        encoder_adapter(model.model.image_tower), pixel_values, _layer(model, vision_feature_layer), vision_settings(config)
+    )
+    return BaseModelOutputWithPooling(last_hidden_state=encoded.tokens, pooler_output=project(model, encoded).tokens)
 
 
 def video_features(model, config, pixel_values_videos, vision_feature_layer=None, **kwargs):
@@ -42,9 +45,10 @@ def video_features(model, config, pixel_values_videos, vision_feature_layer=None
     if pixel_values_videos.dim() != 5:
         raise ValueError(f"pixel_values_videos must be (B, frames, 3, S, S), got {tuple(pixel_values_videos.shape)}")
     frames = pixel_values_videos.flatten(0, 1)
-    settings = vision_settings(config)
-    compressed = settings.encode(encoder_adapter(model.model.video_tower), frames, _layer(model, vision_feature_layer))
-    return BaseModelOutputWithPooling(last_hidden_state=compressed.tokens, pooler_output=project(model, compressed.tokens))
+    encoded = encode_views(
+        encoder_adapter(model.model.video_tower), frames, _layer(model, vision_feature_layer), vision_settings(config)
+    )
+    return BaseModelOutputWithPooling(last_hidden_state=encoded.tokens, pooler_output=project(model, encoded).tokens)
 
 
 def _per_view(model, settings, tower) -> int:
@@ -53,7 +57,7 @@ def _per_view(model, settings, tower) -> int:
 
 def image_counts(model, settings, inputs) -> list[int]:
     images = inputs.get("pixel_values", inputs.get("pixel_values_images"))
-    return [_per_view(model, settings, model.model.image_tower)] * len(images)
+    return [placeholder_count("flat", 1, _per_view(model, settings, model.model.image_tower))] * len(images)
 
 
 def image_expected(model, settings, kwargs) -> int:
@@ -62,7 +66,7 @@ def image_expected(model, settings, kwargs) -> int:
 
 def video_counts(model, settings, inputs) -> list[int]:
     per_frame = _per_view(model, settings, model.model.video_tower)
-    return [len(video) * per_frame for video in inputs["pixel_values_videos"]]
+    return [placeholder_count("flat", len(video), per_frame) for video in inputs["pixel_values_videos"]]
 
 
 def video_expected(model, settings, kwargs) -> int:

@@ -52,6 +52,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from llava.constants import IMAGE_TOKEN_INDEX
 from visionzip import CompressionConfig
 from visionzip.encoders import EncoderCapture
+from visionzip.pipeline import encode_views
 
 from .config import CogVLMConfig
 from .eva_clip import EVA2CLIPEncoderAdapter, EVA2CLIPModel
@@ -290,11 +291,9 @@ class CogVLMForCausalLM(PreTrainedModel):
         vision = self.model.vision
         adapter = self.vision_adapter
         images = images.to(device=vision.boi.device)
-        settings = self._compression.settings if self._compression.enabled else None
-        if settings is None or settings.stage == "llm":
-            tokens = adapter.run(images, SELECT_LAYER, capture_attn_input=False).hidden[:, 1:]
-        else:
-            tokens = settings.encode(adapter, images, SELECT_LAYER).tokens
+        # the one visual-token pipeline (visionzip.pipeline): CLS dropped when nothing compresses, as CogVLM does
+        method = self._compression.settings if self._compression.enabled else None
+        tokens = encode_views(adapter, images, SELECT_LAYER, method).tokens
         framed = vision.frame(vision.linear_proj(tokens))
         return CogVLMImageFeatures(list(framed.unbind(0)))
 

@@ -22,6 +22,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 import visionzip
 from visionzip import CompressedTokens, CompressionConfig
+from visionzip.pipeline import encode_views, vision_method
 
 SELECT_FEATURES = ("patch", "cls_patch")
 
@@ -97,8 +98,9 @@ class VisionTower(nn.Module):
     def encode(
         self, images: torch.Tensor, compression: CompressionConfig | None = None
     ) -> tuple[torch.Tensor, CompressedTokens | None]:
-        """Stage 1 of the image pipeline: views (V, 3, S, S) -> (tokens (V, T, C) in the encoder's feature
-        space, compressed or None).
+        """Stage 1 of the image pipeline (``visionzip.pipeline.encode_views`` on this tower's adapter, layer
+        and feature selection): views (V, 3, S, S) -> (tokens (V, T, C) in the encoder's feature space,
+        compressed or None).
 
         Without a vision-side method the tokens are the selected features (T = 576 patches for
         ViT-L/14-336); with one (``compression.settings.stage`` "tower" or "encoder_output"),
@@ -107,21 +109,16 @@ class VisionTower(nn.Module):
         """
         if not self.is_loaded:
             raise ValueError(f"the vision tower {self.vision_tower_name!r} is not loaded yet (call load_model())")
-        settings = None if compression is None or not compression.enabled else compression.settings
-        if settings is not None and settings.stage == "llm":
-            settings = None
-        adapter = self.adapter
         # ZeRO-3 gathers parameters with hooks on a complete forward: do not stop early there
         early_exit = not is_deepspeed_zero3_enabled()
         # [VisionZip-LLaVA] the original always runs the tower under no_grad; we keep gradients when the
         # tower itself is being trained (unfreeze_mm_vision_tower), and skip them otherwise.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._trainable()):
-            pixels = images.to(device=self.device)
-            if settings is None:
-                capture = adapter.run(pixels, self.select_layer, capture_attn_input=False, early_exit=early_exit)
-                return self.feature_select(capture.hidden).to(images.dtype), None
-            compressed = settings.encode(adapter, pixels, self.select_layer, early_exit=early_exit)
-        return compressed.tokens.to(images.dtype), compressed
+            encoded = encode_views(
+                self.adapter, images.to(device=self.device), self.select_layer, vision_method(compression),
+                drop_cls=self.select_feature == "patch", early_exit=early_exit,
+            )
+        return encoded.tokens.to(images.dtype), encoded.compressed
 
     def forward(self, images):
         """Selected features of a batch (B, 3, S, S) -> (B, T, C), uncompressed (the original's call)."""

@@ -47,6 +47,7 @@ from llava.preflight import check_prompts_fit, model_max_positions
 from visionzip import CompressionConfig
 from visionzip.decoder_loop import pruned_decoder_forward, pruned_prefix
 from visionzip.llm import LLMTokenPruner
+from visionzip.pipeline import encode_views
 
 from .compression import QwenResamplerQueries, check_qwen_vl_compression
 from .config import QwenVLConfig
@@ -364,8 +365,8 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
             return visual(pixel_values)
         adapter = self.query_adapter()
         adapter.check_pixels(pixel_values)
-        compressed = compression.settings.encode(adapter, pixel_values, select_layer=-1)
-        return visual.project(compressed.tokens)
+        # the one visual-token pipeline (visionzip.pipeline) over the resampler's queries (the adapter's views)
+        return visual.project(encode_views(adapter, pixel_values, -1, compression.settings).tokens)
 
     def get_image_features(self, pixel_values, image_sizes=None) -> ImageFeatures:
         return ImageFeatures(list(self.encode_images(pixel_values).unbind(0)))
