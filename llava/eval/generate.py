@@ -12,6 +12,9 @@
 - compression: ``--compression none | METHOD:TOKENS | METHOD:key=value,...``, or its alias in the paper's
   terms ``--method M --budget B [--budget-family v1.5|v1.6]`` (totals per image: ``llava.eval.budgets``),
   both parsed by ``llava.compression_args.compression_from_flags``.
+- model: a LLaVA checkpoint (``LlavaProcessor``, ``--conv-mode`` a LLaVA template), or a natively implemented
+  family's (``llava.model.builder.NATIVE_FAMILIES``: CogVLM, Qwen-VL), whose model builds its own inputs
+  (``llava.eval.model_processor``: its own prompt format and pixels; ``--conv-mode`` its own format, if any).
 - batches of ``--batch-size`` questions, left-padded; ``--num-chunks/--chunk-idx`` shards the questions.
 - resumable: questions already in the answers file are skipped (a run cut short is simply run again);
   ``--overwrite`` starts afresh. Settings that change answers (model, compression, prompt, decoding)
@@ -228,7 +231,9 @@ def generate_answers(
 
 
 class LlavaAnswerer:
-    """Loads a LLaVA checkpoint (with its visual-token compression) and answers batches of items."""
+    """Loads a checkpoint (with its visual-token compression) and answers batches of items: a LLaVA checkpoint
+    through ``LlavaProcessor``, a natively implemented family (``llava.model.builder.NATIVE_FAMILIES``) through
+    the processor its model builds (``llava.eval.model_processor``)."""
 
     def __init__(self, model_path: str, model_base: str | None, conv_mode: str | None, compression, device: str,
                  dtype: str, temperature: float = 0.0, top_p: float | None = None, num_beams: int = 1,
@@ -236,13 +241,13 @@ class LlavaAnswerer:
                  prompt_too_long: str = "error"):
         import torch
 
-        from llava.conversation import conv_templates
         from llava.mm_utils import get_model_name_from_path
-        from llava.model.builder import default_conv_mode, load_pretrained_model
-        from llava.processor import LlavaProcessor
+        from llava.model.builder import load_pretrained_model
 
-        if conv_mode is not None and conv_mode not in conv_templates:
-            raise ValueError(f"unknown --conv-mode {conv_mode!r}; known: {sorted(conv_templates)}")
+        from .model_processor import check_llava_conv_mode, processor_for, refuse_llava_only_option
+
+        if conv_mode is not None and checkpoint_config(model_path, model_base):
+            check_llava_conv_mode(conv_mode)  # a LLaVA checkpoint: refused before loading
         if prompt_too_long not in PROMPT_TOO_LONG:
             raise ValueError(f"--prompt-too-long must be one of {PROMPT_TOO_LONG}, got {prompt_too_long!r}")
         self.prompt_too_long = prompt_too_long
@@ -256,9 +261,15 @@ class LlavaAnswerer:
             torch_dtype=self.dtype,
         )
         self.model.eval()
-        # None: the checkpoint's template (mistral_instruct for llava_mistral, else vicuna_v1)
-        self.conv_mode = conv_mode or default_conv_mode(self.model)
-        self.processor = LlavaProcessor.from_model(self.model, self.tokenizer, self.image_processor, self.conv_mode)
+        # the model's own processor where it builds its own inputs (a native family: llava.eval.model_processor),
+        # else LlavaProcessor; conv_mode None: the checkpoint's template (mistral_instruct for llava_mistral,
+        # else vicuna_v1; a native family's own format)
+        self.processor, self.conv_mode = processor_for(self.model, self.tokenizer, self.image_processor, conv_mode)
+        if prompt_too_long == "truncate":
+            refuse_llava_only_option(self.model, "--prompt-too-long truncate",
+                                     "cuts a prompt as the original LLaVA did (to reproduce its answers)")
+        if compile:
+            refuse_llava_only_option(self.model, "--compile", "runs LLaVA's compiled path (llava.model.compiled)")
         self.temperature, self.top_p, self.num_beams = temperature, top_p, num_beams
         self.max_new_tokens = max_new_tokens
         torch.manual_seed(seed)
@@ -281,6 +292,10 @@ class LlavaAnswerer:
         try:
             return self.answer(batch)
         except PromptTooLong as err:
+            if len(batch) > 1 and len(err.positions) != len(batch):
+                # the model measured the padded batch as a whole, not each prompt: which question does not
+                # fit is found by asking them one at a time (each answered, refused or stopped on its own)
+                return [answer for item in batch for answer in self([item])]
             ids = [batch[row].question_id for row in err.rows]
             if self.prompt_too_long == "error":
                 raise ValueError(
@@ -305,12 +320,16 @@ class LlavaAnswerer:
         questions = [item.question for item in batch]
         images = [item.load_image() for item in batch] if batch[0].has_image else None
         if images is not None:  # named by question, before any padding canvas or resize is made
-            from llava.mm_utils import check_image_geometry, processor_resize_side
+            from llava.mm_utils import DEFAULT_RESIZE_SIDE, check_image_geometry, processor_resize_side
 
             aspect = getattr(self.model.config, "image_aspect_ratio", None)
+            # a native family's image processor may have no CLIP-style size (CogVLM resizes to a fixed square):
+            # the bound of a square resize to CLIP's side, as llava.mm_utils.process_images checks it
+            side = (processor_resize_side(self.image_processor) if getattr(self.image_processor, "size", None)
+                    else DEFAULT_RESIZE_SIDE)
             for item, image in zip(batch, images):
-                check_image_geometry(image.size, aspect if aspect in ("pad", "anyres") else "square",
-                                     processor_resize_side(self.image_processor), f"question {item.question_id}")
+                check_image_geometry(image.size, aspect if aspect in ("pad", "anyres") else "square", side,
+                                     f"question {item.question_id}")
         inputs = self.processor(questions, images)
         input_ids, width = inputs.input_ids.cpu(), inputs.input_ids.shape[1]
         kwargs = inputs.generate_kwargs()
@@ -534,6 +553,10 @@ def main(argv=None, default_format: str | None = None, default_max_new_tokens: i
         done = {fmt.answer_key(r) for r in read_existing_answers(answers_file)}
         if all(item.key in done for item in items):
             print(f"{answers_file}: all {len(items)} questions already answered")
+            if settings["conv_mode"] is None:
+                # a checkpoint whose template is decided on loading (a native family's config.json has no
+                # LLaVA fields): the one recorded, which the same checkpoint would pick again
+                settings["conv_mode"] = read_json(settings_path_for(answers_file)).get("conv_mode")
             try:  # checks the settings and marks the shard complete (a crash may have left it "running")
                 return run_generation(items, fmt, answers_file, _nothing_to_answer, settings, args.batch_size,
                                       progress=False)

@@ -15,8 +15,9 @@ import sys
 import torch
 
 from llava.compression_args import add_compression_arguments, compression_from_args
+from llava.eval.model_processor import processor_for
 from llava.mm_utils import load_image
-from llava.model.builder import default_conv_mode, load_pretrained_model
+from llava.model.builder import load_pretrained_model
 from llava.model.compiled import add_compile_argument, generate_function
 from llava.preflight import (
     check_device,
@@ -26,7 +27,6 @@ from llava.preflight import (
     prompt_positions,
     split_image_files,
 )
-from llava.processor import LlavaProcessor
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,12 +62,9 @@ def eval_model(args) -> str:
     )
     if image_processor is None:
         raise ValueError(f"{args.model_path} is a language model without a vision tower")
-    # a family whose checkpoints carry their own prompt format (Qwen-VL's chat_format) names its default
-    conv_mode = args.conv_mode or getattr(model, "default_conv_mode", None) or default_conv_mode(model)
     # a natively implemented family (llava.model.builder.NATIVE_FAMILIES) builds its own prompts and pixels
-    build_processor = getattr(model, "build_processor", None)
-    processor = (build_processor(tokenizer, image_processor, conv_mode) if build_processor is not None
-                 else LlavaProcessor.from_model(model, tokenizer, image_processor, conv_mode))
+    # (model.build_processor; its own default format), a LLaVA model gets LlavaProcessor: llava.eval.model_processor
+    processor, _ = processor_for(model, tokenizer, image_processor, args.conv_mode)
     inputs = processor([args.query], [images])
     # nothing may be cut silently: the question and "ASSISTANT:" must fit, and the reply stops at the limit
     positions = prompt_positions(model, list(inputs.input_ids), inputs.images, inputs.image_sizes)[0]

@@ -5,7 +5,9 @@ reads it in ``lmms_eval.models.registry_v2.ModelRegistryV2.load_entrypoint_manif
 declares the entry point, so installing this project next to lmms-eval is the whole registration):
 
 - ``visionzip_llava``: an original-format LLaVA checkpoint loaded by ``llava.model.builder.load_pretrained_model``
-  and prompted through ``llava.processor.LlavaProcessor`` (this codebase's stack);
+  and prompted through ``llava.processor.LlavaProcessor`` (this codebase's stack); a natively implemented
+  family's checkpoint (CogVLM, Qwen-VL) loads the same way and is prompted through the processor its model
+  builds (``llava.eval.model_processor``);
 - ``visionzip_hf``: a llava-hf checkpoint in its transformers class (``AutoModelForImageTextToText``), with
   ``visionzip.apply_compression`` and the compression-aware processor ``visionzip.hf.compression_aware_processor``.
 

@@ -124,14 +124,20 @@ class _CompressedLMM(lmms):
 
 
 class VisionZipLlava(_CompressedLMM):
-    """``--model visionzip_llava``: an original-format LLaVA checkpoint on this codebase's stack.
+    """``--model visionzip_llava``: an original-format LLaVA checkpoint on this codebase's stack, or a natively
+    implemented family's checkpoint (``llava.model.builder.NATIVE_FAMILIES``, e.g. CogVLM's hub layout), which
+    ``load_pretrained_model`` loads too and which is prompted through the processor its model builds
+    (``llava.eval.model_processor``: the family's own prompt format and pixels).
 
     model_args: pretrained (checkpoint folder), model_base (for LoRA / projector-only checkpoints),
     compression (a spec; absent = the checkpoint's own setting), conv_mode (default: the checkpoint's,
-    ``llava.model.builder.default_conv_mode``: mistral_instruct for llava_mistral, else vicuna_v1), device, dtype (auto = float16 on CUDA, float32 otherwise), attn_implementation,
+    ``llava.model.builder.default_conv_mode``: mistral_instruct for llava_mistral, else vicuna_v1; a native
+    family's own format), device, dtype (auto = float16 on CUDA, float32 otherwise), attn_implementation,
     max_new_tokens (when the task sets none), batch_size (from lmms-eval's --batch_size), prompt_too_long
     (error | refuse: a prompt beyond the model's positions stops the run, or is answered empty and counted as
-    ``refused_prompts``; never cut silently). device=cuda without CUDA is refused.
+    ``refused_prompts``; never cut silently). device=cuda without CUDA is refused. The visual tokens the
+    language model received (``visual_tokens_per_view``) are measured at a LLaVA model's projector; a native
+    family logs its configured budget only.
     """
 
     MODEL = "visionzip_llava"
@@ -141,12 +147,13 @@ class VisionZipLlava(_CompressedLMM):
                  max_new_tokens: int = 128, max_batch_size=None, prompt_too_long="error", **unknown):
         check_model_args(self.MODEL, unknown, self.COMMON_ARGS + ("model_base", "conv_mode", "attn_implementation"))
         super().__init__(batch_size, max_new_tokens, max_batch_size, prompt_too_long)
-        from llava.conversation import conv_templates
-        from llava.model.builder import default_conv_mode, load_pretrained_model
-        from llava.processor import LlavaProcessor
+        from llava.eval.generate import checkpoint_config
+        from llava.eval.model_processor import builds_own_inputs, check_llava_conv_mode, processor_for
+        from llava.model.builder import load_pretrained_model
+        from visionzip import CompressionConfig
 
-        if conv_mode is not None and conv_mode not in conv_templates:
-            raise ValueError(f"unknown conv_mode {conv_mode!r}; known: {sorted(conv_templates)}")
+        if conv_mode is not None and checkpoint_config(str(pretrained), model_base):
+            check_llava_conv_mode(conv_mode, "conv_mode")  # a LLaVA checkpoint: refused before loading
         config = parse_compression(compression)
         self.device = resolve_device(device)
         self.tokenizer, self.model, image_processor, _ = load_pretrained_model(
@@ -154,14 +161,17 @@ class VisionZipLlava(_CompressedLMM):
             attn_implementation=attn_implementation, compression=config,
         )
         self.model.eval()
-        self.compression = self.model.get_visual_compression()
-        conv_mode = conv_mode or default_conv_mode(self.model)  # the checkpoint's: mistral_instruct for llava_mistral
-        self.processor = LlavaProcessor.from_model(self.model, self.tokenizer, image_processor, conv_mode)
+        # what the model runs: config.visual_compression (where every family keeps it, saved with the model)
+        self.compression = CompressionConfig.parse(getattr(self.model.config, "visual_compression", None))
+        # conv_mode None: the checkpoint's (mistral_instruct for llava_mistral; a native family's own format)
+        self.processor, _ = processor_for(self.model, self.tokenizer, image_processor, conv_mode, "conv_mode")
         # visual tokens per view as the projector hands them to the language model (after any
-        # vision-side compression): a hook on this model's projector instance only
+        # vision-side compression): a hook on this LLaVA model's projector instance only
         self._view_tokens: list[int] = []
-        projector = self.model.get_model().mm_projector
-        projector.register_forward_hook(lambda module, args, output: self._view_tokens.append(int(output.shape[1])))
+        if not builds_own_inputs(self.model):
+            projector = self.model.get_model().mm_projector
+            projector.register_forward_hook(
+                lambda module, args, output: self._view_tokens.append(int(output.shape[1])))
         logger.info(f"{self.MODEL}: {pretrained} with compression {self.compression.spec()}")
 
     def answer_batch(self, contexts, images, generation):

@@ -153,6 +153,17 @@ def answer_with_refusals(answer, contexts: list, images: list, policy: str) -> t
         metrics["refused_prompts"] = 0
         return texts, metrics
     except PromptTooLong as err:
+        if len(contexts) > 1 and len(err.positions) != len(contexts):
+            # the model measured the padded batch as a whole, not each prompt: one request at a time finds
+            # the ones that do not fit (each answered, refused or stopped on its own)
+            texts, merged = [], {"new_tokens": 0, "refused_prompts": 0}
+            for context, image in zip(contexts, images):
+                text, metrics = answer_with_refusals(answer, [context], [image], policy)
+                texts += text
+                for key, value in metrics.items():
+                    summed = key in ("new_tokens", "refused_prompts")
+                    merged[key] = merged[key] + value if summed else merged.get(key, value)
+            return texts, merged
         if policy == "error":
             raise ValueError(f"{err}; or pass the model argument prompt_too_long=refuse to answer it empty, "
                              "counted") from err
