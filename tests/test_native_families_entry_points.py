@@ -37,21 +37,23 @@ GQA_IMAGES = ("gqa", "data", "images")
 
 
 class Family:
-    def __init__(self, build, processor_class, default_conv_mode, script_conv_mode, chat_spec, chat_visual_tokens):
+    def __init__(self, build, processor_class, default_conv_mode, script_conv_mode, chat_spec, chat_visual_tokens,
+                 budget_family):
         self.build = build  # (folder) -> tiny checkpoint
         self.processor_class = processor_class
         self.default_conv_mode = default_conv_mode  # what the front-ends run without --conv-mode
         self.script_conv_mode = script_conv_mode  # a --conv-mode the eval scripts would pass
         self.chat_spec = chat_spec
         self.chat_visual_tokens = chat_visual_tokens  # positions one image takes in the LLM under chat_spec
+        self.budget_family = budget_family  # the MODEL_FAMILY its eval scripts set (visionzip.budgets)
 
 
 FAMILIES = {
     # CogVLM: the checkpoint's template_version, a LLaVA template passed by _common.sh is ignored; the image
     # is boi + kept tokens + eoi
-    "cogvlm": Family(build_tiny_cogvlm, CogVLMProcessor, None, "vicuna_v1", "visionzip:64", 64 + 2),
+    "cogvlm": Family(build_tiny_cogvlm, CogVLMProcessor, None, "vicuna_v1", "visionzip:64", 64 + 2, "cogvlm"),
     # Qwen-VL: the checkpoint's chat format (chatml); <img> and </img> are text ids around the kept queries
-    "qwen_vl": Family(build_tiny_qwen_vl, QwenVLProcessor, "qwen_chatml", "qwen_chatml", "vispruner:64", 64),
+    "qwen_vl": Family(build_tiny_qwen_vl, QwenVLProcessor, "qwen_chatml", "qwen_chatml", "vispruner:64", 64, "qwen-vl"),
 }
 
 
@@ -133,7 +135,7 @@ def test_eval_engine_answers_batched_with_the_eval_scripts_flags(family, checkpo
     record = generate.main([
         "--format", "vqa", "--model-path", checkpoint, "--question-file", str(questions), "--image-folder", str(images),
         "--answers-file", str(shard), "--num-chunks", "1", "--chunk-idx", "0", "--method", "vispruner",
-        "--budget", "64", "--budget-family", "v1.5", "--batch-size", "2", "--device", "cpu", "--dtype", "auto",
+        "--budget", "64", "--budget-family", spec.budget_family, "--batch-size", "2", "--device", "cpu", "--dtype", "auto",
         "--temperature", "0", "--conv-mode", spec.script_conv_mode, "--max_new_tokens", str(MAX_NEW), "--no-progress",
     ])
     merged = tmp_path / "answers" / "merge.jsonl"
@@ -221,7 +223,7 @@ def test_every_cogvlm_script_runs_a_v1_5_script_that_exists():
         target = re.search(r'exec bash "\$\(dirname "\$\{BASH_SOURCE\[0\]\}"\)/([^"]+)"', text)
         assert target, script
         assert (script.parent / target.group(1)).resolve().is_file(), (script, target.group(1))
-        assert "MODEL_FAMILY=v1.5" in text and "THUDM/cogvlm-chat-hf" in text
+        assert "MODEL_FAMILY=cogvlm" in text and "THUDM/cogvlm-chat-hf" in text
     # all.sh's default benchmarks: VisPruner's Table 4 rows, each one a script of scripts/v1_5/eval
     listed = re.search(r"BENCHMARKS:-([a-z0-9 ]+)\}", (REPO / "scripts/cogvlm/eval/all.sh").read_text()).group(1).split()
     assert sorted(listed) == ["gqa", "sqa", "textvqa", "vizwiz", "vqav2"]

@@ -5,7 +5,10 @@ The papers state budgets as the total number of visual tokens the LLM sees per i
 - LLaVA-1.5 (``v1.5``): one view per image (576 tokens uncompressed), e.g. 192 / 128 / 64 tokens;
 - LLaVA-NeXT (``v1.6``): the base image and 4 anyres crops of the 2 x 2 grid the papers count
   (``ANYRES_VIEWS`` = 5 views of 576), e.g. 640 / 320 / 160 tokens over the 5 views, so a method gets a
-  fifth of it per view (VisionZip: 108+20, 54+10, 27+5 per crop).
+  fifth of it per view (VisionZip: 108+20, 54+10, 27+5 per crop);
+- Qwen-VL (``qwen-vl``): one image = the resampler's 256 queries (VisPruner Table 4);
+- CogVLM (``cogvlm``): one image = EVA2-CLIP-E's 35 x 35 = 1225 patches at 490 pixels (VisPruner Table 4
+  keeps 123 of them: 90 % fewer).
 
 A method's settings are per view (``METHOD:TOKENS``, ``from_budget``): ``per_view_budget`` divides a
 family's total. This module is the one place that knows the view count; ``llava.eval.budgets`` (the eval
@@ -25,7 +28,7 @@ VIEW_TOKENS = 576
 
 @dataclass(frozen=True)
 class BudgetFamily:
-    """name: ``v1.5`` / ``v1.6``; views: views per image the budget counts; vanilla_tokens: visual tokens
+    """name: ``v1.5`` / ``v1.6`` / ``qwen-vl`` / ``cogvlm``; views: views per image the budget counts; vanilla_tokens: visual tokens
     per image uncompressed (the largest budget)."""
 
     name: str
@@ -36,6 +39,8 @@ class BudgetFamily:
 BUDGET_FAMILIES = {
     "v1.5": BudgetFamily("v1.5", 1, VIEW_TOKENS),
     "v1.6": BudgetFamily("v1.6", ANYRES_VIEWS, ANYRES_VIEWS * VIEW_TOKENS),
+    "qwen-vl": BudgetFamily("qwen-vl", 1, 256),
+    "cogvlm": BudgetFamily("cogvlm", 1, 1225),
 }
 
 

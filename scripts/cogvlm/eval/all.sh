@@ -6,6 +6,7 @@
 # MODEL_PATH: a local copy of THUDM/cogvlm-chat-hf with Vicuna-7B-v1.5's tokenizer files copied in (docs/cogvlm.md).
 # Usage: bash scripts/cogvlm/eval/all.sh METHOD [BUDGET]      e.g.  all.sh vispruner 123  |  all.sh none
 export MODEL_PATH=${MODEL_PATH:-THUDM/cogvlm-chat-hf}
-export MODEL_FAMILY=v1.5
+export MODEL_FAMILY=cogvlm
+export CONV_MODE=${CONV_MODE-}  # empty: the checkpoint's own template
 export BENCHMARKS=${BENCHMARKS:-vqav2 gqa vizwiz sqa textvqa}
 exec bash "$(dirname "${BASH_SOURCE[0]}")/../../v1_5/eval/all.sh" "$@"

@@ -6,5 +6,6 @@
 # repository ships none); the prompt is the checkpoint's ("Question: {q} Answer:"), CONV_MODE does not apply.
 # Usage: bash scripts/cogvlm/eval/sqa.sh METHOD [BUDGET]      e.g.  sqa.sh vispruner 123  |  sqa.sh fastv 123  |  sqa.sh none
 export MODEL_PATH=${MODEL_PATH:-THUDM/cogvlm-chat-hf}
-export MODEL_FAMILY=v1.5
+export MODEL_FAMILY=cogvlm
+export CONV_MODE=${CONV_MODE-}  # empty: the checkpoint's own template
 exec bash "$(dirname "${BASH_SOURCE[0]}")/../../v1_5/eval/sqa.sh" "$@"

@@ -6,5 +6,6 @@
 # repository ships none); the prompt is the checkpoint's ("Question: {q} Answer:"), CONV_MODE does not apply.
 # Usage: bash scripts/cogvlm/eval/vqav2.sh METHOD [BUDGET]      e.g.  vqav2.sh vispruner 123  |  vqav2.sh fastv 123  |  vqav2.sh none
 export MODEL_PATH=${MODEL_PATH:-THUDM/cogvlm-chat-hf}
-export MODEL_FAMILY=v1.5
+export MODEL_FAMILY=cogvlm
+export CONV_MODE=${CONV_MODE-}  # empty: the checkpoint's own template
 exec bash "$(dirname "${BASH_SOURCE[0]}")/../../v1_5/eval/vqav2.sh" "$@"

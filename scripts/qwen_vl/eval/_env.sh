@@ -9,4 +9,4 @@
 #               so the v1.5 budget family (the total is the per-image budget)
 export MODEL_PATH=${MODEL_PATH:-Qwen/Qwen-VL}
 export CONV_MODE=${CONV_MODE:-qwen_vqa}
-export MODEL_FAMILY=v1.5
+export MODEL_FAMILY=qwen-vl

@@ -8,7 +8,7 @@
 #   MODEL_BASE    base model of a projector-only / LoRA checkpoint
 #   CKPT          name of the model in answer and results folders (default: last part of MODEL_PATH)
 #   CONV_MODE     prompt template (default vicuna_v1; mistral_instruct / chatml_direct for other NeXT models)
-#   MODEL_FAMILY  v1.5 | v1.6: which budget table BUDGET refers to (set by the v1_6 scripts)
+#   MODEL_FAMILY  v1.5 | v1.6 | qwen-vl | cogvlm: which budget table BUDGET refers to (set by the v1_6, qwen_vl, cogvlm scripts)
 #   EVAL_DIR      benchmark data (default ./playground/data/eval; layout in playground/README.md)
 #   RESULTS_DIR   scores, one json per benchmark (default $EVAL_DIR/results), read by llava.eval.report
 #   DEVICE DTYPE  auto (cuda + float16 when available, else cpu + float32) or explicit values
@@ -28,7 +28,7 @@ else
 fi
 MODEL_BASE=${MODEL_BASE:-}
 CKPT=${CKPT:-$(basename "$MODEL_PATH")}
-CONV_MODE=${CONV_MODE:-vicuna_v1}
+CONV_MODE=${CONV_MODE-vicuna_v1}  # set but empty: the checkpoint's own template (native families)
 EVAL_DIR=${EVAL_DIR:-./playground/data/eval}
 RESULTS_DIR=${RESULTS_DIR:-$EVAL_DIR/results}
 DEVICE=${DEVICE:-auto}
@@ -66,7 +66,7 @@ generate_answers() {
             --num-chunks "$chunks" --chunk-idx "$idx" \
             --method "$METHOD" ${BUDGET_ARG:+--budget "$BUDGET_ARG"} --budget-family "$MODEL_FAMILY" \
             --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE" \
-            --temperature 0 --conv-mode "$CONV_MODE" "$@" &
+            --temperature 0 ${CONV_MODE:+--conv-mode "$CONV_MODE"} "$@" &
         pids+=($!)
     done
     local failed=0
