@@ -36,11 +36,12 @@ fi
 mapfile -t ALL64 < <(registered_at_64)
 ALL64=(none "${ALL64[@]}")
 FAILED=0
-step() {  # step NAME SECONDS ARGS...
+step() {  # step NAME SECONDS ARGS... (MODULE=llava.bench.prefill step ...: another bench module)
     local name=$1 seconds=$2
     shift 2
     echo "=== $name"
-    timeout "$seconds" "$PY" -m llava.bench "$@" --markdown "$OUT/$name.md" --json "$OUT/$name.json" 2>&1 | tail -n 40
+    timeout "$seconds" "$PY" -m "${MODULE:-llava.bench}" "$@" --markdown "$OUT/$name.md" --json "$OUT/$name.json" 2>&1 \
+        | grep -v USDT | tail -n 40
     local status=${PIPESTATUS[0]}
     if [ "$status" != 0 ]; then
         echo "=== $name FAILED (exit $status; 124: its time limit of $seconds s)"
@@ -58,4 +59,21 @@ step 1.5-13b "${STEP3:-70}" --geometry $G13 "${COMMON[@]}" --batch 1 --methods n
 # issue's compression step <= 1.03x the vanilla tower at batch 1), each against the tower's roofline bound
 step compiled_1.5-7b "${STEP4:-200}" --geometry $G15 "${COMMON[@]}" --batch 1 "${COMPILE[@]}" --methods none visionzip:64 $FASTV
 step compiled_next-7b "${STEP5:-150}" --geometry $GNEXT "${COMMON[@]}" --batch 1 "${COMPILE[@]}" --methods none visionzip:32
+# batch-1 prefill of vanilla and every method at 64, interleaved round by round in one process, with the
+# selection / drop breakdown, host syncs and device operators (issue 23: no method's prefill slower than
+# vanilla's; docs/efficiency.md, "Prefill at 64 tokens per method")
+if [ "${SMOKE:-0}" = 1 ]; then PREFILL=(--device cpu --layers 4 --repeats 1 --warmup 0); else PREFILL=(--device cuda --repeats 10 --warmup 2); fi
+MODULE=llava.bench.prefill step prefill_1.5-7b "${STEP6:-300}" --geometry $G15 "${PREFILL[@]}" --breakdown
+# the other families at their real geometry, full depth (llava.bench.families: MGM-7B / 13B, Qwen-VL-7B,
+# CogVLM-17B built from their own config classes): vanilla, VisionZip and VisPruner at 64 tokens per image,
+# interleaved in one process (docs/efficiency.md, "Other families")
+if [ "${SMOKE:-0}" = 1 ]; then
+    FAMILY_RUNS=(mgm-tiny qwen-vl-tiny cogvlm-tiny) FAMILY=(--device cpu --dtype float32 --repeats 1 --warmup 0)
+else
+    FAMILY_RUNS=(mgm-7b mgm-13b qwen-vl-7b cogvlm-17b) FAMILY=(--device cuda --repeats 10 --warmup 2)
+fi
+for family in "${FAMILY_RUNS[@]}"; do
+    MODULE=llava.bench.families step "family_$family" "${STEP7:-200}" --family "$family" "${FAMILY[@]}" \
+        --methods none visionzip:64 vispruner:64
+done
 exit $FAILED

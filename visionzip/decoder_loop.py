@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -55,6 +57,9 @@ from .llm import (
 
 # the language models whose forward this loop re-enacts (same layer interface, same cache, same masks)
 SUPPORTED_LANGUAGE_MODELS = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen2_5_VLTextModel")
+
+# the cache layers whose ``keys`` hold every token of the prefill as the layer computed them
+_PLAIN_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
 # cache object -> what a pruned prefill left in it (the cache itself stays a transformers DynamicCache)
 _PRUNED_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -120,25 +125,26 @@ def _last_position(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     version="5.25.0",
 )
 def score_rows(language_model, layer_index: int, hidden: torch.Tensor, positions: torch.Tensor,
-               valid: torch.Tensor) -> AttentionRows:
+               valid: torch.Tensor, keys: Callable[[], torch.Tensor] | None = None) -> AttentionRows:
     """``PruningContext.attention_rows`` of decoder layer ``layer_index`` run on ``hidden`` (B, N, C), the
     sequence as it enters that layer (no cached past), positions (P, B, N), valid (B, N) bool: a function
-    query_index (B, Q) -> (B, H, Q, N) float32 softmax attention of those rows, from that layer's q and k."""
+    query_index (B, Q) -> (B, H, Q, N) float32 softmax attention of those rows, from that layer's q and k.
+    ``keys``: () -> that layer's keys (``score_keys``: read from the prefill's cache where the layer has run);
+    nothing is computed until the function is called (a pruner that reads no attention costs nothing)."""
     layer = language_model.layers[layer_index]
     attn = layer.self_attn
-    batch, length, _ = hidden.shape
+    batch = hidden.shape[0]
     head_dim = attn.head_dim
-    normed = layer.input_layernorm(hidden)
-    cos, sin = language_model.rotary_emb(hidden, _rope_positions(positions))  # (B, N, D) for 1D and M-RoPE
+    keys = keys or score_keys(language_model, layer_index, hidden, positions)
 
     def rows(query_index: torch.Tensor) -> torch.Tensor:
-        picked = query_index.unsqueeze(-1).expand(-1, -1, normed.shape[-1])
-        queries = attn.q_proj(normed.gather(1, picked)).view(batch, query_index.shape[1], -1, head_dim).transpose(1, 2)
-        keys = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-        table = query_index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
-        queries, _ = apply_rotary_pos_emb(queries, queries, cos.gather(1, table), sin.gather(1, table))
-        _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
-        return attention_rows_from_qk(queries, keys, query_index, valid, attn.scaling)
+        # only the asked rows are normed, projected and rotated (RMSNorm is per token)
+        picked = hidden.gather(1, query_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        rope = _rope_positions(positions)
+        cos, sin = language_model.rotary_emb(picked, rope.gather(-1, query_index.expand(*rope.shape[:-2], -1, -1)))
+        queries = attn.q_proj(layer.input_layernorm(picked)).view(batch, query_index.shape[1], -1, head_dim).transpose(1, 2)
+        queries, _ = apply_rotary_pos_emb(queries, queries, cos, sin)
+        return attention_rows_from_qk(queries, keys(), query_index, valid, attn.scaling)
 
     return rows
 
@@ -152,19 +158,39 @@ def score_rows(language_model, layer_index: int, hidden: torch.Tensor, positions
     "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VLAttention.forward", sha="c1a5de3fd978553a",
     version="5.25.0",
 )
-def score_keys(language_model, layer_index: int, hidden: torch.Tensor, positions: torch.Tensor):
+def score_keys(language_model, layer_index: int, hidden: torch.Tensor, positions: torch.Tensor, cache=None):
     """``PruningContext.keys`` of decoder layer ``layer_index`` run on ``hidden`` (B, N, C) at positions
-    (P, B, N): a function () -> (B, Hkv, N, D), RoPE applied, computed only when a pruner asks (DART)."""
+    (P, B, N): a function () -> (B, Hkv, N, D), RoPE applied, computed only when a pruner asks (DART).
+    ``cache``: this prefill's KV cache after that layer ran on ``hidden`` (a drop scored by an earlier layer:
+    FastV, DART, SparseVLM): its keys are these (the layer computed them with the same modules on the same
+    input), read instead of projecting all N tokens again (a twelfth of a Llama layer's FLOPs)."""
     layer = language_model.layers[layer_index]
     attn = layer.self_attn
     batch, length, _ = hidden.shape
+    memo: list[torch.Tensor] = []
 
     def keys() -> torch.Tensor:
-        normed = layer.input_layernorm(hidden)
-        cos, sin = language_model.rotary_emb(hidden, _rope_positions(positions))
-        states = attn.k_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
-        return apply_rotary_pos_emb(states, states, cos, sin)[1]
+        if not memo:
+            memo.append(_cached_keys(cache, layer_index, length) if cache is not None else None)
+            if memo[0] is None:
+                normed = layer.input_layernorm(hidden)
+                cos, sin = language_model.rotary_emb(hidden, _rope_positions(positions))
+                states = attn.k_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+                memo[0] = apply_rotary_pos_emb(states, states, cos, sin)[1]
+        return memo[0]
 
+    return keys
+
+
+def _cached_keys(cache, layer_index: int, length: int) -> torch.Tensor | None:
+    """The keys (B, Hkv, N, D) a plain dynamic cache holds for layer ``layer_index``, if they are ``length``
+    long (the prefill's own: pruning happens only on an empty cache); None for any other cache kind."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_index >= len(layers) or type(layers[layer_index]) not in _PLAIN_CACHE_LAYERS:
+        return None
+    keys = getattr(layers[layer_index], "keys", None)
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[2] != length:
+        return None
     return keys
 
 
@@ -251,43 +277,52 @@ def pruned_decoder_forward(
     shift = torch.zeros(batch, dtype=torch.long, device=device)
     groups: list[PrunedGroup] = []
     snapshots = {}
+    memo: dict = {}  # PruningContext.memo: shared by this prefill's selections
     causal_mask = position_embeddings = None
     for layer_index, decoder_layer in enumerate(language_model.layers[: config.num_hidden_layers]):
-        changed = causal_mask is None
+        # the mask and the rotary tables are built before layer 0 and again only where the sequence changes
+        # (not ``causal_mask is None``: None is what create_causal_mask returns for SDPA without padding,
+        # and asking again at every layer costs a host sync and the rotary tables each time)
+        changed = layer_index == 0
         if layer_index in drop_layers:
             # the sequence as it entered the scoring layer (this one: as it is now)
             hidden_in, positions_in, valid_in = snapshots.pop(layer_index, (hidden, positions, valid))
             score = pruner.score_layer(layer_index)
+            # a scoring layer that has run cached its keys of this very sequence (see score_keys)
+            keys = score_keys(language_model, score, hidden_in, positions_in, cache if score < layer_index else None)
             context = PruningContext(
                 layer_index, visual, valid, initial_visual,
-                score_rows(language_model, score, hidden_in, positions_in, valid_in),
+                score_rows(language_model, score, hidden_in, positions_in, valid_in, keys),
                 hidden=hidden, input_index=index, inputs_embeds=inputs_embeds, input_visual_mask=input_visual,
-                keys=score_keys(language_model, score, hidden_in, positions_in), final_norm=language_model.norm,
+                keys=keys, final_norm=language_model.norm, memo=memo,
             )
-            selection = pruner.select(context)
-            last_before = _last_position(positions, valid)
-            if isinstance(selection, Selection):
-                # tokens inserted (recycled) after the kept ones: positions renumbered contiguously
-                keep = selection.keep & valid
-                count = selection.extra.shape[1]
-                dropped = insert_and_drop(keep, selection.extra_valid, selection.insert_after)
-                start = positions.masked_fill(~valid, torch.iinfo(positions.dtype).max).min(dim=2).values  # (P, B)
-                anchor = index.gather(1, selection.insert_after.unsqueeze(1)).expand(-1, count)
-                hidden = dropped.gather(torch.cat([hidden, selection.extra.to(hidden.dtype)], dim=1))
-                index = dropped.gather(torch.cat([index, anchor], dim=1))
-                visual = dropped.gather(torch.cat([visual, selection.extra_valid], dim=1)) & dropped.valid
-                valid = key_mask = dropped.valid
-                positions = (start.unsqueeze(-1) + valid.long().cumsum(dim=1) - 1).clamp_min(0)
-            else:
-                keep = selection & valid
-                if not pruner.keep_original_positions:
-                    positions = compact_positions(positions, keep, valid)
-                dropped = drop_tokens(keep)
-                hidden, positions, index = dropped.gather(hidden), _gather(positions, dropped), dropped.gather(index)
-                visual = dropped.gather(visual) & dropped.valid
-                valid = key_mask = dropped.valid
-            shift = shift + last_before - _last_position(positions, valid)
-            groups.append(PrunedGroup(layer_index, index, valid, shift.clone()))
+            # named ranges: a profiler (``python -m llava.bench.prefill --breakdown``) tells selection from drop
+            with torch.profiler.record_function("visionzip.prune.select"):
+                selection = pruner.select(context)
+            with torch.profiler.record_function("visionzip.prune.drop"):
+                last_before = _last_position(positions, valid)
+                if isinstance(selection, Selection):
+                    # tokens inserted (recycled) after the kept ones: positions renumbered contiguously
+                    keep = selection.keep & valid
+                    count = selection.extra.shape[1]
+                    dropped = insert_and_drop(keep, selection.extra_valid, selection.insert_after)
+                    start = positions.masked_fill(~valid, torch.iinfo(positions.dtype).max).min(dim=2).values  # (P, B)
+                    anchor = index.gather(1, selection.insert_after.unsqueeze(1)).expand(-1, count)
+                    hidden = dropped.gather(torch.cat([hidden, selection.extra.to(hidden.dtype)], dim=1))
+                    index = dropped.gather(torch.cat([index, anchor], dim=1))
+                    visual = dropped.gather(torch.cat([visual, selection.extra_valid], dim=1)) & dropped.valid
+                    valid = key_mask = dropped.valid
+                    positions = (start.unsqueeze(-1) + valid.long().cumsum(dim=1) - 1).clamp_min(0)
+                else:
+                    keep = selection & valid
+                    if not pruner.keep_original_positions:
+                        positions = compact_positions(positions, keep, valid)
+                    dropped = drop_tokens(keep)
+                    hidden, positions, index = dropped.gather(hidden), _gather(positions, dropped), dropped.gather(index)
+                    visual = dropped.gather(visual) & dropped.valid
+                    valid = key_mask = dropped.valid
+                shift = shift + last_before - _last_position(positions, valid)
+                groups.append(PrunedGroup(layer_index, index, valid, shift.clone()))
             changed = True
         elif state is not None and any(group.start == layer_index for group in state.groups):
             group = state.group_of(layer_index)

@@ -52,6 +52,9 @@ class PruningContext:
     # norm, (B, N, C) -> (B, N, C) (DART compares hidden states after it, as its official code does)
     keys: Callable[[], torch.Tensor] | None = None
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # one dict shared by every selection of one prefill: what a multi-stage pruner computes once from the
+    # input (SparseVLM's raters) and reads again at its later stages
+    memo: dict = field(default_factory=dict)
 
     def last_query_index(self) -> torch.Tensor:
         """(B, 1): each sample's last non-padding position (the prompt's last token)."""

@@ -11,7 +11,9 @@ A named geometry has the real layer counts and widths and random weights (nothin
 ``visionzip:D,C``, ``vispruner:T``, ``official:visionzip:D,C`` / ``official-vispruner:T`` (the official code path
 re-enacted, for the compression step). Vanilla is always measured, and ratios are to it, same batch, same
 run. Each (batch, method) runs in its own process so that its peak memory is its own
-(``--in-process`` shares one model: faster, for smoke tests).
+(``--in-process`` shares one model: faster, for smoke tests). ``python -m llava.bench.prefill``: the batch-1
+prefill of every method beside vanilla, interleaved round by round in one process (ratios robust to a
+shared machine's load), with the selection's share, host syncs and device operators.
 """
 from __future__ import annotations
 
@@ -229,7 +231,8 @@ def main(argv=None) -> dict:
         meta["gpu"] = torch.cuda.get_device_name()
     if args.geometry:
         # the LLM side's FLOPs at the geometry's real depth (the ratios do not depend on the depth)
-        full_depth = get_geometry(args.geometry).llm.layers
+        # (a --layers deeper than the geometry's own, e.g. the tiny one's 2, is the depth to report)
+        full_depth = max(get_geometry(args.geometry).llm.layers, meta["llm_layers"])
         meta["llm_layers_full_depth"] = full_depth
         for row in rows:
             row["llm_flops_full_depth"] = full_depth * row["llm_flops_per_layer"]

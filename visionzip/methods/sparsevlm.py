@@ -83,6 +83,25 @@ def text_raters(embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     return raters + text_start
 
 
+def rater_rows(inputs_embeds: torch.Tensor, input_visual_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample's raters (``text_raters``) as query rows: inputs_embeds (B, N, C), input_visual_mask (B, N)
+    bool -> (index (B, Q) long, weight (B, Q) float32): each sample's raters in order in the input's index
+    space, padded with its first rater (weight 0); weight 1 / raters on the others. A sample without visual
+    tokens: index 0, weight 0 (its scores are unused)."""
+    raters = [text_raters(e, v) for e, v in zip(inputs_embeds, input_visual_mask)]
+    batch, device = inputs_embeds.shape[0], inputs_embeds.device
+    longest = max(1, max(len(r) for r in raters))
+    index = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    weight = torch.zeros(batch, longest, device=device)
+    for row, rater in enumerate(raters):
+        if len(rater) == 0:
+            continue
+        index[row, : len(rater)] = rater
+        index[row, len(rater):] = rater[0]
+        weight[row, : len(rater)] = 1.0 / len(rater)
+    return index, weight
+
+
 def cluster_and_merge(tokens: torch.Tensor, clusters: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """DPC-kNN clustering of ``tokens`` (B, N, C) into ``clusters`` means (B, clusters, C), as the official
     ``utils.cluster_and_merge``, including its ``rand * 1e-6`` density noise: it breaks the ties that are
@@ -134,18 +153,18 @@ class SparseVLMPruner:
         stage = self.layers.index(context.layer)
         batch = context.visual_mask.shape[0]
         device = context.visual_mask.device
-        # raters (input index space) -> their current positions (text tokens are never dropped)
-        raters = [text_raters(e, v) for e, v in zip(context.inputs_embeds, context.input_visual_mask)]
-        longest = max(1, max(len(r) for r in raters))
-        query = torch.zeros(batch, longest, dtype=torch.long, device=device)
-        weight = torch.zeros(batch, longest, device=device)
-        for row, rater in enumerate(raters):
-            current = torch.nonzero(context.input_index[row].unsqueeze(1) == rater.unsqueeze(0))[:, 0]
-            if len(current) == 0:
-                continue  # no visual tokens in this sample: a zero-weight query row, its scores unused
-            query[row, : len(current)] = current
-            query[row, len(current):] = current[0]
-            weight[row, : len(current)] = 1.0 / len(current)
+        # the raters depend on the input only: found once per prefill (context.memo), in the input's index
+        # space; each stage maps them to their current positions (text tokens are never dropped)
+        if "sparsevlm.raters" not in context.memo:
+            context.memo["sparsevlm.raters"] = rater_rows(context.inputs_embeds, context.input_visual_mask)
+        rater_index, weight = context.memo["sparsevlm.raters"]
+        valid_now = context.valid_mask
+        length_in = context.inputs_embeds.shape[1]
+        # where each input token sits now (a spare column for the re-padding slots, whose index is arbitrary)
+        now = torch.zeros(batch, length_in + 1, dtype=torch.long, device=device)
+        now.scatter_(1, torch.where(valid_now, context.input_index, length_in),
+                     torch.arange(valid_now.shape[1], device=device).expand(batch, -1))
+        query = now.gather(1, rater_index)
         rows = context.attention_rows(query).mean(dim=1)  # (B, Q, N)
         scores = (rows * weight.unsqueeze(-1)).sum(dim=1)  # (B, N)
         visual_now = context.visual_mask.sum(dim=1)
