@@ -13,4 +13,36 @@ bash "$ROOT/scripts/setup_lmms_env.sh" || echo "[test] lmms-eval environment set
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 cd "$ROOT"
-exec "$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
+# The vLLM serving tests (tests/serving/: vLLM's CPU engine in .venv-vllm, docs/serving.md) run beside the main
+# suite: their environment is set up in the background (about a minute with uv) and the tests start when it is ready,
+# in one more pytest process. A failed setup fails the run (its log is printed), it is not a skip. They run with
+# the full suite (no arguments); SERVING_TESTS=1 runs them with arguments too, SERVING_TESTS=0 never.
+serving="${SERVING_TESTS:-$([ $# -eq 0 ] && echo 1 || echo 0)}"
+if [ "$serving" = 1 ]; then
+  serving_dir="$(mktemp -d)"
+  (
+    if ! bash "$ROOT/scripts/setup_vllm_env.sh" > "$serving_dir/setup.log" 2>&1; then
+      echo setup > "$serving_dir/failed"; exit 1
+    fi
+    OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -p no:cacheprovider --basetemp "$serving_dir/tmp" tests/serving \
+      > "$serving_dir/tests.log" 2>&1 || { echo tests > "$serving_dir/failed"; exit 1; }
+  ) &
+  serving_pid=$!
+fi
+status=0
+"$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@" || status=$?
+if [ "$serving" = 1 ]; then
+  wait "$serving_pid" || true
+  if [ "$(cat "$serving_dir/failed" 2>/dev/null)" = setup ]; then
+    cat "$serving_dir/setup.log"
+    echo "[test] FAILED: the vLLM environment setup (scripts/setup_vllm_env.sh) failed, see above; the serving" \
+      "tests (tests/serving/) did not run" >&2
+    status=1
+  else
+    echo "[test] vLLM serving tests (tests/serving/, run beside the suite):"
+    cat "$serving_dir/tests.log"
+    [ -f "$serving_dir/failed" ] && { echo "[test] FAILED: the vLLM serving tests" >&2; status=1; }
+  fi
+  rm -rf "$serving_dir"
+fi
+exit "$status"

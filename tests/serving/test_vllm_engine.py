@@ -1,13 +1,13 @@
-"""Run by ``bash scripts/test_serving.sh`` (not by the default suite: docs/serving.md says why).
-
-The vLLM serving plugin (visionzip.vllm): vLLM's own engine (``vllm.LLM``, CPU backend) in its own
-environment (.venv-vllm, made by scripts/setup_vllm_env.sh) serves a tiny llava-hf LLaVA-1.5 (the official
-tiny fixture, converted with ``llava.convert to-hf``) with vision-side compression selected by
-``hf_overrides``. Asserted: vLLM reserves the compressed count per image (prompt tokens = text + budget, for
-every image of a batch, square or not); its greedy tokens equal this environment's transformers path
-(``apply_compression`` on ``LlavaForConditionalGeneration`` + ``compression_aware_processor``) for the same
-checkpoint, spec, prompt ids and image; bad specs, in-LLM methods and methods that cannot run on vLLM's tower
-are refused at startup with a ValueError naming them."""
+"""The vLLM serving plugin (visionzip.vllm) on vLLM's own engine (``vllm.LLM`` and its OpenAI server, CPU
+backend) in its own environment (.venv-vllm, made by scripts/setup_vllm_env.sh; ``bash scripts/test.sh`` sets
+it up in the background and runs this module beside the main suite, docs/serving.md). Served: the official
+tiny LLaVA-1.5 and LLaVA-NeXT, converted to llava-hf with ``llava.convert to-hf``, with vision-side
+compression selected by ``hf_overrides``. Asserted: vLLM reserves the compressed count per image (prompt tokens
+= text + budget per view, for every image of a batch, square or not); its greedy tokens equal this
+environment's transformers path (``apply_compression`` on the HF class + ``compression_aware_processor``) for
+the same checkpoint, spec, prompt ids and image; bad specs, in-LLM methods and methods that cannot run on
+vLLM's tower are refused at startup with a ValueError naming them. All engines run in one vLLM process (its
+imports, about 20 s, are paid once), a few decode tokens each."""
 from __future__ import annotations
 
 import json
@@ -24,6 +24,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_VENV = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
 ARCHITECTURE = "VisionZipLlavaForConditionalGeneration"
+NEXT_ARCHITECTURE = "VisionZipLlavaNextForConditionalGeneration"
+# LLaVA-NeXT: one engine; the budget is per view (base view + each crop of the anyres grid)
+NEXT_SPEC, NEXT_BUDGET = "visionzip:32", 32
+NEXT_REFUSED = {
+    "fastv:32": "stage 'llm'",
+    '{"method": "visionzip", "dominant": 24, "contextual": 8, "anyres_layout": "spatial"}': "anyres_layout='spatial'",
+}
 # spec -> tokens per image, one engine each (after the first, an engine starts in about 5 s)
 SPECS = {"visionzip:64": 64, "pooling:64": 64, "random:32": 32, "vispruner:32": 32}
 # VisPruner's chain of argsorts over near-equal duplication scores flips its selection on this random-weight
@@ -42,7 +49,7 @@ REFUSED = {
 PROMPTS = ("USER: <image>\nWhat is in the image? ASSISTANT:", "USER: <image>\nDescribe it. ASSISTANT:")
 MAX_TOKENS = 8
 
-# Runs in .venv-vllm: one engine per spec answering one batch, then the refusals. Prints one JSON line.
+# Runs in .venv-vllm: one engine per (model, spec) answering one batch, then the refusals. Prints one JSON line.
 VLLM_SCRIPT = r"""
 import json, sys, time
 import numpy as np
@@ -50,31 +57,34 @@ from PIL import Image
 from vllm import LLM, SamplingParams
 
 
+def engine(job, run):
+    compression = run["spec"] if not run["spec"].startswith("{") else json.loads(run["spec"])
+    return LLM(model=run["model"], hf_overrides={"architectures": [run["architecture"]], "visual_compression": compression},
+               enforce_eager=True, dtype="float32", max_model_len=2048, max_num_seqs=8, seed=0,
+               limit_mm_per_prompt={"image": 1})
+
+
 def main():
     job = json.loads(open(sys.argv[1]).read())
     out = {"runs": {}, "refused": {}}
     images = [Image.open(path).convert("RGB") for path in job["images"]]
-    for spec in job["specs"]:
+    for run in job["runs"]:
         start = time.time()
-        llm = LLM(model=job["model"], hf_overrides={"architectures": [job["architecture"]], "visual_compression": spec},
-                  enforce_eager=True, dtype="float32", max_model_len=1024, max_num_seqs=8, seed=0,
-                  limit_mm_per_prompt={"image": 1})
+        llm = engine(job, run)
         started = time.time() - start
         requests = [{"prompt_token_ids": ids, "multi_modal_data": {"image": images[i]}}
-                    for ids, i in zip(job["prompt_ids"], job["image_of_request"])]
+                    for ids, i in zip(run["prompt_ids"], job["image_of_request"])]
         answers = llm.generate(requests, SamplingParams(temperature=0, max_tokens=job["max_tokens"]))
-        out["runs"][spec] = {"engine_start_s": started, "total_s": time.time() - start,
-                             "prompt_tokens": [len(a.prompt_token_ids) for a in answers],
-                             "tokens": [list(a.outputs[0].token_ids) for a in answers]}
+        out["runs"][run["name"]] = {"engine_start_s": started, "total_s": time.time() - start,
+                                    "prompt_tokens": [len(a.prompt_token_ids) for a in answers],
+                                    "tokens": [list(a.outputs[0].token_ids) for a in answers]}
         del llm
-    for spec in job["refused"]:
+    for run in job["refused"]:
         try:
-            LLM(model=job["model"], hf_overrides={"architectures": [job["architecture"]], "visual_compression": spec},
-                enforce_eager=True, dtype="float32", max_model_len=1024, max_num_seqs=8,
-                limit_mm_per_prompt={"image": 1})
-            out["refused"][spec] = "accepted"
+            engine(job, run)
+            out["refused"][run["name"]] = "accepted"
         except Exception as error:
-            out["refused"][spec] = type(error).__name__ + ": " + str(error)
+            out["refused"][run["name"]] = type(error).__name__ + ": " + str(error)
     print("VLLM_RESULT " + json.dumps(out))
 
 
@@ -105,6 +115,15 @@ def llava_hf(official_checkpoints) -> Path:
 
 
 @pytest.fixture(scope="module")
+def llava_next_hf(official_checkpoints) -> Path:
+    from llava.convert.core import to_hf
+
+    dst = official_checkpoints / "llava-v1.6-tiny-hf"
+    to_hf(str(official_checkpoints / "llava-v1.6-tiny"), str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
     """Three square images at the tower's size (both environments' processors leave them unresized, so the
     pixels agree exactly) and one wide image (placeholder count only: resizing backends differ)."""
@@ -126,36 +145,66 @@ IMAGE_OF_REQUEST = [0, 1, 2, 3]
 def transformers_answers(llava_hf, images) -> dict:
     """This environment's path per spec: the unexpanded prompt ids (one <image> token each), and for the
     square images the compressed prompt length and the greedy tokens."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
+
+    answers = {"prompt_ids": _prompt_ids(llava_hf)}
+    for spec in SPECS:
+        answers[spec] = _transformers_runs(LlavaForConditionalGeneration, llava_hf, spec, images, IMAGE_OF_REQUEST[:3])
+    return answers
+
+
+def _prompt_ids(path) -> list[list[int]]:
+    """Each request's prompt ids with one <image> token (vLLM expands it to the count it reserves)."""
+    from transformers import AutoProcessor
+
+    tokenizer = AutoProcessor.from_pretrained(path).tokenizer
+    return [tokenizer(PROMPTS[i % 2]).input_ids for i in range(len(IMAGE_OF_REQUEST))]
+
+
+def _transformers_runs(model_class, path, spec, images, image_indices) -> list[dict]:
+    """The transformers path for one spec: per request, the compressed prompt length and the greedy tokens."""
+    from transformers import AutoProcessor
 
     import visionzip
     from visionzip.hf import compression_aware_processor
 
-    processor = AutoProcessor.from_pretrained(llava_hf)
-    prompt_ids = [processor.tokenizer(PROMPTS[i % 2]).input_ids for i in range(len(IMAGE_OF_REQUEST))]
-    answers = {"prompt_ids": prompt_ids}
-    for spec in SPECS:
-        model = LlavaForConditionalGeneration.from_pretrained(llava_hf, dtype=torch.float32).eval()
-        visionzip.apply_compression(model, spec)
-        aware = compression_aware_processor(processor, model)
-        runs = []
-        for i, image_index in enumerate(IMAGE_OF_REQUEST[:3]):
-            inputs = aware(text=PROMPTS[i % 2], images=Image.open(images[image_index]).convert("RGB"), return_tensors="pt")
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-            length = inputs["input_ids"].shape[1]
-            runs.append({"prompt_tokens": length, "tokens": out[0, length:].tolist()})
-        answers[spec] = runs
-    return answers
+    processor = AutoProcessor.from_pretrained(path)
+    model = model_class.from_pretrained(path, dtype=torch.float32).eval()
+    visionzip.apply_compression(model, spec)
+    aware = compression_aware_processor(processor, model)
+    runs = []
+    for i, image_index in enumerate(image_indices):
+        inputs = aware(text=PROMPTS[i % 2], images=Image.open(images[image_index]).convert("RGB"), return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+        length = inputs["input_ids"].shape[1]
+        runs.append({"prompt_tokens": length, "tokens": out[0, length:].tolist()})
+    return runs
 
 
 @pytest.fixture(scope="module")
-def vllm_answers(vllm_python, llava_hf, images, transformers_answers, tmp_path_factory) -> dict:
+def next_transformers_answers(llava_next_hf, images) -> dict:
+    """LLaVA-NeXT's transformers path at NEXT_SPEC, for every request's image (the non-square one included:
+    its placeholder count is compared; its pixels may differ between the environments' resizing)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    return {"prompt_ids": _prompt_ids(llava_next_hf),
+            "runs": _transformers_runs(LlavaNextForConditionalGeneration, llava_next_hf, NEXT_SPEC, images, IMAGE_OF_REQUEST)}
+
+
+@pytest.fixture(scope="module")
+def vllm_answers(vllm_python, llava_hf, llava_next_hf, images, transformers_answers, next_transformers_answers,
+                 tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("vllm-run")
+    llava = {"model": str(llava_hf), "architecture": ARCHITECTURE, "prompt_ids": transformers_answers["prompt_ids"]}
+    llava_next = {"model": str(llava_next_hf), "architecture": NEXT_ARCHITECTURE,
+                  "prompt_ids": next_transformers_answers["prompt_ids"]}
     job = {
-        "model": str(llava_hf), "architecture": ARCHITECTURE, "specs": list(SPECS), "refused": list(REFUSED),
-        "images": [str(p) for p in images], "image_of_request": IMAGE_OF_REQUEST,
-        "prompt_ids": transformers_answers["prompt_ids"], "max_tokens": MAX_TOKENS,
+        "runs": [dict(llava, name=spec, spec=spec) for spec in SPECS]
+        + [dict(llava_next, name="next " + NEXT_SPEC, spec=NEXT_SPEC)],
+        "refused": [dict(llava, name=spec, spec=spec) for spec in REFUSED]
+        + [dict(llava_next, name="next " + spec, spec=spec) for spec in NEXT_REFUSED],
+        "images": [str(p) for p in images], "image_of_request": IMAGE_OF_REQUEST, "max_tokens": MAX_TOKENS,
     }
     (folder / "job.json").write_text(json.dumps(job))
     (folder / "run.py").write_text(VLLM_SCRIPT)
@@ -173,6 +222,8 @@ def vllm_answers(vllm_python, llava_hf, images, transformers_answers, tmp_path_f
     assert done.returncode == 0 and len(lines) == 1, (done.stdout + done.stderr)[-6000:]
     result = json.loads(lines[0][len("VLLM_RESULT "):])
     result["wall_s"] = time.time() - start
+    result["next_model"] = str(llava_next_hf)
+    result["image_sizes"] = [Image.open(path).size[::-1] for path in images]  # (height, width)
     print(f"vLLM run: {result['wall_s']:.1f} s;", {s: round(r["engine_start_s"], 1) for s, r in result["runs"].items()})
     return result
 
@@ -194,9 +245,35 @@ def test_vllm_greedy_tokens_equal_transformers_path(vllm_answers, transformers_a
 
 
 def test_bad_specs_and_unservable_methods_refused_at_startup(vllm_answers):
-    for spec, message in REFUSED.items():
-        refusal = vllm_answers["refused"][spec]
-        assert refusal.startswith("ValueError: ") and message in refusal, (spec, refusal)
+    refused = dict(REFUSED, **{"next " + spec: message for spec, message in NEXT_REFUSED.items()})
+    for name, message in refused.items():
+        refusal = vllm_answers["refused"][name]
+        assert refusal.startswith("ValueError: ") and message in refusal, (name, refusal)
+
+
+def test_llava_next_reserves_budget_per_view(vllm_answers, next_transformers_answers):
+    """LLaVA-NeXT: prompt tokens = text + (1 + crops) x budget, for each image of a batch (the grid from the
+    image's size and the config's pinpoints), the same count as the transformers path's processor."""
+    from transformers import AutoConfig
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    run = vllm_answers["runs"]["next " + NEXT_SPEC]
+    config = AutoConfig.from_pretrained(vllm_answers["next_model"])
+    text = [len(ids) - 1 for ids in next_transformers_answers["prompt_ids"]]
+    expected = []
+    for n, image_index in zip(text, IMAGE_OF_REQUEST):
+        height, width = vllm_answers["image_sizes"][image_index]
+        rows, cols = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, config.vision_config.image_size)
+        expected.append(n + (1 + rows * cols) * NEXT_BUDGET)
+    assert run["prompt_tokens"] == expected
+    assert [r["prompt_tokens"] for r in next_transformers_answers["runs"]] == expected
+    assert len(set(expected)) > 1  # the wide image has another grid than the square ones
+
+
+def test_llava_next_greedy_tokens_equal_transformers_path(vllm_answers, next_transformers_answers):
+    tokens = vllm_answers["runs"]["next " + NEXT_SPEC]["tokens"]
+    assert all(len(t) > 0 for t in tokens)
+    assert tokens[:3] == [r["tokens"] for r in next_transformers_answers["runs"][:3]]
 
 
 # ----- the OpenAI-compatible server (llava.serve.vllm), a real HTTP client on localhost -------------------

@@ -9,7 +9,8 @@ imports ``visionzip.vllm.llava`` when a model selects the architecture:
                                      "visual_compression": "visionzip:64"}'
 
 ``visual_compression`` is the key ``visionzip.apply_compression`` persists in a Hugging Face
-``config.json``: a checkpoint saved compressed needs only the ``architectures`` override.
+``config.json``: a checkpoint saved compressed needs only the ``architectures`` override. LLaVA-NeXT checkpoints
+select ``VisionZipLlavaNextForConditionalGeneration`` (``visionzip.vllm.llava_next``: the budget per view).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 # what it is: a model is compressed only when its config selects one of these)
 ARCHITECTURES = {
     "VisionZipLlavaForConditionalGeneration": "visionzip.vllm.llava:VisionZipLlavaForConditionalGeneration",
+    "VisionZipLlavaNextForConditionalGeneration":
+        "visionzip.vllm.llava_next:VisionZipLlavaNextForConditionalGeneration",
 }
 
 

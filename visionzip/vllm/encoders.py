@@ -10,14 +10,18 @@ vLLM's CLIP has the Hugging Face module names (``vision_model.embeddings``, ``pr
 
 ``VllmCLIPEncoderAdapter`` hides both, so the methods' own code (``settings.encode``) runs on vLLM's tower:
 the tower runs up to the scored layer with vLLM's attention, and the scores come from that layer's q and k
-(``queries_keys``), never from an attention map of the tower. Pure torch: nothing here imports vLLM except
-the tensor-parallel gather, which runs only where the tower's heads are split across ranks.
+(``queries_keys``), never from an attention map of the tower. ``encode_on_tower`` / ``check_on_tower`` run a
+method's ``encode`` / ``check`` there for the plugin's model classes. Pure torch: nothing here imports vLLM
+except the tensor-parallel gather, which runs only where the tower's heads are split across ranks.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from ..encoders import CLIPEncoderAdapter, EncoderCapture
+from ..methods import CompressedTokens, CompressionMethod
 
 
 class VllmCLIPEncoderAdapter(CLIPEncoderAdapter):
@@ -85,3 +89,39 @@ class VllmCLIPEncoderAdapter(CLIPEncoderAdapter):
             q = q[:, :, query_rows]
         k = k.reshape(bsz, n, heads, head_dim).transpose(1, 2)
         return q, k, float(attn.scale)
+
+
+def _unsupported(settings: CompressionMethod, err: Exception) -> ValueError:
+    return ValueError(
+        f"visual_compression={settings.spec()!r}: {settings.name} does not run on vLLM's CLIP tower "
+        f"({type(err).__name__}: {err}); the vLLM plugin serves methods that work through the encoder adapter "
+        "(visionzip.vllm.encoders: the tower up to its feature layer, scores from that layer's q and k)"
+    )
+
+
+def check_on_tower(settings: CompressionMethod, adapter: CLIPEncoderAdapter, feature_layer: int) -> None:
+    """``settings.check`` on vLLM's tower, a method that cannot run there refused by name."""
+    try:
+        settings.check(adapter, feature_layer)
+    except (AttributeError, TypeError, IndexError, NotImplementedError) as err:
+        raise _unsupported(settings, err) from err
+
+
+def encode_on_tower(settings: CompressionMethod, adapter: CLIPEncoderAdapter, pixel_values: torch.Tensor,
+                    feature_layer: int, per_view: int) -> CompressedTokens:
+    """``settings.encode`` (the method's own code) on vLLM's tower: pixel_values (V, 3, S, S) -> (V, T, C_vision)
+    kept tokens, T = ``per_view``, the count vLLM reserved placeholders for."""
+    try:
+        compressed = settings.encode(adapter, pixel_values, feature_layer)
+    except (AttributeError, TypeError, IndexError, NotImplementedError) as err:
+        # a method that reaches into module internals vLLM's tower does not have (or into its layers after
+        # the feature layer, which vLLM does not build); raised at startup by process_weights_after_loading
+        raise _unsupported(settings, err) from err
+    if compressed.tokens.shape[1] != per_view:
+        raise ValueError(
+            f"visual_compression={settings.spec()!r} produced {compressed.tokens.shape[1]} tokens per view but vLLM "
+            f"reserved {per_view} placeholders"
+        )
+    # [VisionZip-LLaVA] some methods return a strided view (pooling: a transposed pooled grid); vLLM's CPU
+    # linear kernels (oneDNN, in its worker processes) require a unit stride on the last dimension
+    return dataclasses.replace(compressed, tokens=compressed.tokens.contiguous())

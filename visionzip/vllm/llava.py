@@ -32,14 +32,21 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ..config import CompressionConfig
 from ..hf.base import fixed_count, single_layer, vision_settings
 from ..methods import CompressionMethod
-from .encoders import VllmCLIPEncoderAdapter
+from .encoders import VllmCLIPEncoderAdapter, check_on_tower, encode_on_tower
+
+
+def compression_config(hf_config) -> CompressionConfig:
+    """The ``CompressionConfig`` that ``hf_config.visual_compression`` names (a spec or ``to_dict``'s dict)."""
+    spec = getattr(hf_config, "visual_compression", None)
+    if isinstance(spec, dict):
+        return CompressionConfig.from_dict(spec)
+    return CompressionConfig.parse(spec) if spec else CompressionConfig()
 
 
 def compression_settings(hf_config) -> CompressionMethod | None:
     """The vision-side method settings that ``hf_config.visual_compression`` names (None: uncompressed).
     ValueError for a bad spec or a method that acts inside the LLM (stage ``llm``)."""
-    spec = getattr(hf_config, "visual_compression", None)
-    config = CompressionConfig.parse(spec) if spec else CompressionConfig()
+    config = compression_config(hf_config)
     if not config.enabled:
         return None
     try:
@@ -67,14 +74,6 @@ def _nest_vision_model(weights: Iterable[tuple[str, torch.Tensor]]):
         if name.startswith(tower) and not name.startswith(tower + "vision_model."):
             name = tower + "vision_model." + name[len(tower):]
         yield name, tensor
-
-
-def _unsupported(settings: CompressionMethod, err: Exception) -> ValueError:
-    return ValueError(
-        f"visual_compression={settings.spec()!r}: {settings.name} does not run on vLLM's CLIP tower "
-        f"({type(err).__name__}: {err}); the vLLM plugin serves methods that work through the encoder adapter "
-        "(visionzip.vllm.encoders: the tower up to its feature layer, scores from that layer's q and k)"
-    )
 
 
 def tower_tokens(hf_config) -> int:
@@ -108,10 +107,7 @@ class VisionZipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.tower_adapter = VllmCLIPEncoderAdapter(self.vision_tower)
         if settings is not None:
             self.feature_layer = single_layer(config.vision_feature_layer, type(self).__name__)
-            try:
-                settings.check(self.tower_adapter, self.feature_layer)
-            except (AttributeError, TypeError, IndexError, NotImplementedError) as err:
-                raise _unsupported(settings, err) from err
+            check_on_tower(settings, self.tower_adapter, self.feature_layer)
             self.image_tokens = fixed_count(settings, self.tower_adapter.num_tokens)
 
     def _process_image_pixels(self, inputs) -> torch.Tensor:
@@ -120,20 +116,10 @@ class VisionZipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         pixel_values = inputs["pixel_values"]
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.stack(list(pixel_values))
-        settings = self.compression
-        try:
-            tokens = settings.encode(self.tower_adapter, pixel_values, self.feature_layer).tokens
-        except (AttributeError, TypeError, IndexError, NotImplementedError) as err:
-            # a method that reaches into module internals vLLM's tower does not have (or into its layers after
-            # the feature layer, which vLLM does not build); raised at startup by process_weights_after_loading
-            raise _unsupported(settings, err) from err
-        if tokens.shape[1] != self.image_tokens:
-            raise ValueError(
-                f"visual_compression={settings.spec()!r} produced {tokens.shape[1]} tokens per image but vLLM "
-                f"reserved {self.image_tokens} placeholders"
-            )
+        compressed = encode_on_tower(self.compression, self.tower_adapter, pixel_values, self.feature_layer,
+                                     self.image_tokens)
         # (B, T, C_vision): the projector maps it to B x (T, hidden), T = get_num_image_tokens
-        return tokens
+        return compressed.tokens
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return super().load_weights(_nest_vision_model(weights))
