@@ -16,6 +16,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from llava.toy.clip import (
     CAPTION_WORDS,
+    TEXT_CAPTION_WORDS,
     ClipSettings,
     caption_ids,
     cls_attention_shares,
@@ -62,6 +63,12 @@ def test_captions_state_the_scene_facts():
         assert [CAPTION_WORDS[i] for i in ids[: len(words)]] == words and ids[len(words)] == 0
     with pytest.raises(ValueError, match="exceeds"):
         caption_ids("red " * 30)
+    for seed in range(30):  # the text question's scenes: the word is named, in the vocabulary with it
+        scene = make_scene(seed, SIDE, words=True)
+        text = caption(scene, random.Random(seed))
+        assert f"the word {scene.word}" in text
+        ids = caption_ids(text, vocabulary=TEXT_CAPTION_WORDS)
+        assert [TEXT_CAPTION_WORDS[i] for i in ids[: len(text.split())]] == text.split()
 
 
 def test_contrastive_tower_retrieves_held_out_captions(towers):

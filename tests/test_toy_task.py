@@ -81,6 +81,84 @@ def test_answers_match_the_drawn_scene():
                        for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
+def test_text_question_scenes_write_their_word_in_the_other_half():
+    """``words=True`` (``--text-question``): the same shapes as the scene without a word, and the word in
+    the other half, in ink, where ``word_origin`` says; the text question and the caption name it."""
+    from llava.toy.task import (
+        GLYPHS,
+        INK,
+        TEXT_QUESTION,
+        TEXT_WORDS,
+        caption,
+        glyph_cell,
+        question_types,
+        word_size,
+    )
+
+    seen = set()
+    for seed in range(12):
+        for side in (336, 112):
+            plain, scene = make_scene(seed, side), make_scene(seed, side, words=True)
+            assert plain.word is None and scene.objects == plain.objects and scene.half == plain.half
+            assert scene.word in TEXT_WORDS
+            seen.add(scene.word)
+            (x, y), (width, height) = scene.word_origin, word_size(scene.word, side)
+            middle = side // 2
+            assert (y >= middle) if scene.half == "top" else (y + height <= middle)  # away from the shapes
+            assert 0 <= x and x + width <= side
+            image, cell = scene.image(), glyph_cell(side)
+            for index, letter in enumerate(scene.word):  # each glyph cell's centre: ink exactly where inked
+                for row, bits in enumerate(GLYPHS[letter]):
+                    for column, bit in enumerate(bits):
+                        centre = (x + (6 * index + column) * cell + cell // 2, y + row * cell + cell // 2)
+                        assert (image.getpixel(centre) == INK) == (bit == "#"), (seed, side, letter, row, column)
+            questions = {kind: (question, answer) for kind, question, answer in scene_questions(scene, random.Random(0))}
+            assert set(questions) == set(question_types(True)) and questions["text"] == (TEXT_QUESTION, scene.word)
+            assert f"the word {scene.word}" in caption(scene, random.Random(0))
+    assert seen == set(TEXT_WORDS)
+
+
+def test_shared_scenes_are_drawn_once_while_another_process_draws_them(tmp_path):
+    """The towers' processes share the scenes: while one draws them (holding the lock), the other waits,
+    then finds them drawn and draws nothing."""
+    import threading
+    import time
+
+    from llava.toy.model import _draw_once
+    from llava.utils_io import FileLock
+
+    folder = tmp_path / "scenes" / "train-4"
+    folder.parent.mkdir()
+    lines, drawn = [], []
+    lock = FileLock(folder.parent / f".{folder.name}.lock").acquire()  # "the other process", drawing
+    waiter = threading.Thread(target=_draw_once, args=(folder, "done", lambda: drawn.append(1), "the scenes",
+                                                        lambda *parts, **kwargs: lines.append(" ".join(parts))))
+    waiter.start()
+    time.sleep(1.0)
+    assert waiter.is_alive() and lines == ["  waiting for another process drawing the scenes"]
+    folder.mkdir()
+    (folder / "done").write_text("")
+    lock.release()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and drawn == []
+    _draw_once(tmp_path / "other", "done", lambda: drawn.append(2), "others", print)  # no one holds it: drawn
+    assert drawn == [2]
+
+
+def test_towers_side_by_side_stop_on_a_failing_tower(tmp_path):
+    """The main job's towers run in processes of their own (``run_tower_jobs``); a tower's error comes back
+    to the main process with its traceback and stops the run (here: a bad setting, before any work)."""
+    from llava.toy.study import run_tower_jobs
+
+    options = {"output": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), "questions": 0,
+               "budgets": (64,), "focus": 64, "tune_steps": 0, "batch_size": 8, "reanswer": False,
+               "text_question": False}
+    with pytest.raises(RuntimeError, match=r"(?s)the (trained|random) tower's process failed:\n.*"
+                                           r"ToySettings.eval_images must be a positive integer, got 0"):
+        run_tower_jobs(("clip", "random"), options, jobs=2)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_tokenizer_knows_the_task_words(tmp_path):
     """The toy tokenizer is trained with the task's text: each colour name and count is one piece."""
     from llava.model.tiny import build_tiny_llava

@@ -123,7 +123,9 @@ def save_token_map(image: Image.Image, rows: list[DemoRow], patches_per_side: in
 
     size = 336
     shown = image.convert("RGB").resize((size, size), Image.BICUBIC)
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8.4))
+    # constrained layout sizes each row with its titles (tight_layout let the bottom row's two-line titles
+    # run under the top row's images)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8.8), layout="constrained")
     for ax, row in zip(axes.flat, rows):
         overlay = np.zeros((patches_per_side, patches_per_side, 4))
         overlay[..., 3] = 0.7  # dim everything ...
@@ -137,7 +139,6 @@ def save_token_map(image: Image.Image, rows: list[DemoRow], patches_per_side: in
         ax.set_title(f"{row.method} {row.budget} tokens\n{row.detail}", fontsize=10)
         ax.axis("off")
     fig.suptitle("Visual tokens kept: bright = dominant / kept patches, dimmed = dropped or merged, blue = contextual merge targets")
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.partial")  # a complete picture or none under that name

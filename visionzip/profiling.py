@@ -10,9 +10,12 @@ Memory is measured on a call of its own, never on a timed one (either way of mea
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import statistics
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -60,6 +63,38 @@ def _live_tensor_peak(events) -> int:
     return peak
 
 
+# c10's CPU allocator logs this (once, then every 1000th time) when a block allocated before a memory-
+# profiling session is freed during it: the usual case for a call that replaces cached tensors. It says
+# what ``_live_tensor_peak`` already assumes (frees of earlier blocks carry no size, so the peak counts the
+# call's own allocations), and a C++ log level cannot be changed once torch is imported.
+UNKNOWN_BLOCK_NOTICE = b"Memory block of unknown size was allocated before"
+
+
+@contextlib.contextmanager
+def _stderr_without(notice: bytes):
+    """Everything written to file descriptor 2 in the block (C++ logs included) is held back and written
+    out at its end, less the lines containing ``notice``; nothing else is lost or reordered."""
+    try:
+        descriptor = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(descriptor)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), descriptor)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, descriptor)
+            os.close(saved)
+            held.seek(0)
+            kept = b"".join(line for line in held.read().splitlines(keepends=True) if notice not in line)
+            if kept:
+                os.write(descriptor, kept)
+
+
 class PeakMemory:
     """Context manager: ``.peak_bytes`` = the most memory the block used beyond what was in use before.
 
@@ -81,6 +116,8 @@ class PeakMemory:
             # libkineto prints two log lines per profiling session at its default level; read when it
             # starts (the first session), and a user's own setting wins
             os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+            self._quiet = _stderr_without(UNKNOWN_BLOCK_NOTICE)
+            self._quiet.__enter__()
             self._profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
             )
@@ -97,7 +134,10 @@ class PeakMemory:
             synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
         elif self.cpu_mode == "tensors":
-            self._profiler.__exit__(*exc)
+            try:
+                self._profiler.__exit__(*exc)
+            finally:
+                self._quiet.__exit__(*exc)
             self.peak_bytes = _live_tensor_peak(self._profiler.events())
         else:
             self._sampler.stopped.set()

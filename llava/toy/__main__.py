@@ -3,4 +3,5 @@ import sys
 
 from .study import main
 
-sys.exit(main())
+if __name__ == "__main__":  # the towers' spawned processes never run the study again
+    sys.exit(main())

@@ -35,17 +35,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .task import COLOURS, HALVES, Scene, caption, make_scene
+from .task import COLOURS, HALVES, TEXT_WORDS, Scene, caption, make_scene
 
 CAPTION_WORDS = ("<end>", "a", "one", "two", "three", *COLOURS, "square", "squares", "circle", "circles", "and",
                  "in", "the", *HALVES, "half", "shape", "shapes")
+TEXT_CAPTION_WORDS = (*CAPTION_WORDS, "word", *TEXT_WORDS)  # the captions of scenes with a word (words=True)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the OpenAI CLIP normalisation (CLIPImageProcessor's default)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TOP_SHARES = (1, 5, 10)  # % of the patches whose share of the [CLS] attention is reported
 
 
-def caption_ids(text: str, length: int = 20) -> list[int]:
-    ids = [CAPTION_WORDS.index(word) for word in text.split()] + [0]  # <end> closes it (CLIP pools there)
+def caption_ids(text: str, length: int = 20, vocabulary: tuple = CAPTION_WORDS) -> list[int]:
+    ids = [vocabulary.index(word) for word in text.split()] + [0]  # <end> closes it (CLIP pools there)
     if len(ids) > length:
         raise ValueError(f"caption of {len(ids)} words exceeds {length}: {text!r}")
     return ids + [0] * (length - len(ids))
@@ -66,9 +67,9 @@ class TextEncoder(nn.Module):
     outputs over the caption's words (CLIP reads the end token; a mean carries every fact from the first
     step, which a few seconds of training need). (B, L) word ids -> (B, width)."""
 
-    def __init__(self, width: int, length: int = 20):
+    def __init__(self, width: int, length: int = 20, vocabulary: int = len(CAPTION_WORDS)):
         super().__init__()
-        self.words = nn.Embedding(len(CAPTION_WORDS), width)
+        self.words = nn.Embedding(vocabulary, width)
         self.positions = nn.Parameter(torch.randn(length, width) * 0.02)
         self.layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
         self.norm = nn.LayerNorm(width)
@@ -88,6 +89,7 @@ class ClipSettings:
     learning_rate: float = 2e-3
     embed_dim: int = 32
     text_width: int = 32
+    words: bool = False  # scenes with a word, named in their captions (the text question's task)
 
 
 @dataclass
@@ -108,9 +110,9 @@ def _contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tens
     return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.t(), target)) / 2
 
 
-def _scenes(seed_stream: str, count: int, image_size: int) -> tuple[list[Scene], list[str]]:
+def _scenes(seed_stream: str, count: int, image_size: int, words: bool = False) -> tuple[list[Scene], list[str]]:
     rng = random.Random(seed_stream)
-    scenes = [make_scene(rng.randrange(2**31), image_size) for _ in range(count)]
+    scenes = [make_scene(rng.randrange(2**31), image_size, words) for _ in range(count)]
     return scenes, [caption(scene, rng) for scene in scenes]
 
 
@@ -120,8 +122,9 @@ def train_clip_tower(tower, settings: ClipSettings, seed: int, printer=print, ev
     image_size = int(tower.config.image_size)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    vocabulary = TEXT_CAPTION_WORDS if settings.words else CAPTION_WORDS
     try:
-        text_encoder = TextEncoder(settings.text_width)
+        text_encoder = TextEncoder(settings.text_width, vocabulary=len(vocabulary))
         image_projection = nn.Linear(tower.config.hidden_size, settings.embed_dim, bias=False)
         text_projection = nn.Linear(settings.text_width, settings.embed_dim, bias=False)
         scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -133,14 +136,14 @@ def train_clip_tower(tower, settings: ClipSettings, seed: int, printer=print, ev
     warmup = max(1, settings.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps)))
-    scenes, captions = _scenes(f"clip-{seed}", settings.steps * settings.batch_size, image_size)
+    scenes, captions = _scenes(f"clip-{seed}", settings.steps * settings.batch_size, image_size, settings.words)
     tower.train()
     losses = []
     start = time.perf_counter()
     for step in range(settings.steps):
         chunk = slice(step * settings.batch_size, (step + 1) * settings.batch_size)
         pixels = pixel_batch(scenes[chunk])
-        ids = torch.tensor([caption_ids(c) for c in captions[chunk]])
+        ids = torch.tensor([caption_ids(c, vocabulary=vocabulary) for c in captions[chunk]])
         same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()
         image = image_projection(tower(pixel_values=pixels).pooler_output)
         loss = _contrastive_loss(image, text_projection(text_encoder(ids)), scale, same)
@@ -154,20 +157,23 @@ def train_clip_tower(tower, settings: ClipSettings, seed: int, printer=print, ev
             printer(f"  contrastive tower: step {step + 1}/{settings.steps}, loss {losses[-1]:.3f} "
                     f"[{time.perf_counter() - start:.0f} s]", flush=True)
     tower.eval()
-    retrieval, chance = caption_retrieval(tower, text_encoder, image_projection, text_projection, seed, image_size)
+    retrieval, chance = caption_retrieval(tower, text_encoder, image_projection, text_projection, seed, image_size,
+                                          words=settings.words)
     return ClipTraining(losses, retrieval, chance, time.perf_counter() - start)
 
 
 @torch.no_grad()
 def caption_retrieval(tower, text_encoder, image_projection, text_projection, seed: int, image_size: int,
-                      count: int = 64) -> tuple[float, float]:
+                      count: int = 64, words: bool = False) -> tuple[float, float]:
     """Held-out scenes (another seed stream): % whose own caption (or an equal one) is the best match
     among the ``count`` captions, and the chance of that (mean of equal captions / count)."""
-    scenes, captions = _scenes(f"clip-eval-{seed}", count, image_size)
+    scenes, captions = _scenes(f"clip-eval-{seed}", count, image_size, words)
+    vocabulary = TEXT_CAPTION_WORDS if words else CAPTION_WORDS
     # the facts, not the phrase order, decide a match: an image's caption set is the captions with its facts
-    facts = [(len(s.objects), s.objects[0].colour, s.half, tuple(sorted(o.shape for o in s.objects))) for s in scenes]
+    facts = [(len(s.objects), s.objects[0].colour, s.half, tuple(sorted(o.shape for o in s.objects)), s.word)
+             for s in scenes]
     image = nn.functional.normalize(image_projection(tower(pixel_values=pixel_batch(scenes)).pooler_output), dim=-1)
-    ids = torch.tensor([caption_ids(c) for c in captions])
+    ids = torch.tensor([caption_ids(c, vocabulary=vocabulary) for c in captions])
     text = nn.functional.normalize(text_projection(text_encoder(ids)), dim=-1)
     best = (image @ text.t()).argmax(dim=1).tolist()
     hits = sum(facts[j] == facts[i] for i, j in enumerate(best))

@@ -9,6 +9,8 @@ after lower-casing and dropping a trailing period, per question type too).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +46,11 @@ class ToyEvaluator:
         self.answers_dir = Path(answers_dir)
         self.batch_size = batch_size
         self.format = get_format("vqa")
-        self.items = read_items(self.format, toy.question_file, ReaderOptions(str(toy.image_folder)))
+        # each image is decoded once and kept (a few MB for the held-out set): the study answers the same
+        # questions for about 70 settings
+        self.items = [dataclasses.replace(item, load_image=functools.lru_cache(maxsize=1)(item.load_image))
+                      if item.has_image else item
+                      for item in read_items(self.format, toy.question_file, ReaderOptions(str(toy.image_folder)))]
         self.model_path = str(model_path or toy.model_path)
         self.model_base = str(model_base) if model_base else None
         self.answerer = LlavaAnswerer(self.model_path, self.model_base, "vicuna_v1", CompressionConfig(), "cpu",

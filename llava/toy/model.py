@@ -1,7 +1,9 @@
 """The toy LLaVA: a tiny LLaVA-1.5 in the real ViT-L/14-336 token geometry trained on the toy task.
 
-``prepare_toy(settings, cache_root)`` follows LLaVA's recipe in miniature, all under ``cache_root/<key>/``
-where ``key`` hashes the settings (a second call with the same settings reuses the finished run):
+``prepare_toy(settings, cache_root)`` follows LLaVA's recipe in miniature, under ``cache_root/<key>/``
+where ``key`` hashes the settings (a second call with the same settings reuses the finished run); the
+drawn scenes are shared by every model of the same task (``cache_root/scenes-<key>/``: both towers train
+and are evaluated on the same files, drawn once):
 
 0. the random-weight base (``llava.model.tiny.build_tiny_llava``: a CLIP tower in ViT-L/14-336's token
    geometry, 336 px, patch 14, 576 patches + CLS, narrow and shallow; a tokenizer that knows the task's
@@ -33,10 +35,17 @@ from pathlib import Path
 
 from llava.utils_io import atomic_write_text
 
-from .task import TASK_CORPUS, check_image_size, write_caption_set, write_eval_set, write_train_set
+from .task import (
+    TASK_CORPUS,
+    TEXT_CORPUS,
+    check_image_size,
+    write_caption_set,
+    write_eval_set,
+    write_train_set,
+)
 
 # Bump when the task or the recipe changes in a way the settings do not show: old caches are then unused.
-TOY_FORMAT = 5  # 5: the contrastive tower, stage 1 on captions, 4-layer tower
+TOY_FORMAT = 5  # 5: the contrastive tower, stage 1 on captions, 4-layer tower (the scenes' folder is no part of it)
 DONE = "toy_complete.json"
 TOWERS = ("clip", "random")
 
@@ -47,8 +56,8 @@ class ToySettings:
 
     seed: int = 0
     train_images: int = 1280
-    eval_images: int = 180
-    epochs: int = 4
+    eval_images: int = 120  # 40 per question type (the model does not depend on it)
+    epochs: int = 4  # 640 steps: with 320 (loss 0.20) the model had not learnt to count (30 %, chance)
     batch_size: int = 8
     learning_rate: float = 3e-3
     projector_learning_rate: float = 1e-2  # --mm_projector_lr: the projector has the most to learn
@@ -64,6 +73,7 @@ class ToySettings:
     clip_learning_rate: float = 2e-3
     stage1_steps: int = 40  # LLaVA stage 1: projector-only steps on captions (0 skips the stage)
     stage1_learning_rate: float = 1e-3  # LLaVA-1.5's stage-1 learning rate
+    text_question: bool = False  # scenes with a written word and "What word is written in the image?"
 
     def __post_init__(self):
         for name in ("train_images", "eval_images", "epochs", "batch_size", "hidden", "layers", "vision_hidden"):
@@ -79,6 +89,8 @@ class ToySettings:
         for name in ("clip_steps", "clip_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ToySettings.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.text_question, bool):
+            raise ValueError(f"ToySettings.text_question must be True or False, got {self.text_question!r}")
         if not isinstance(self.stage1_steps, int) or self.stage1_steps < 0:
             raise ValueError(f"ToySettings.stage1_steps must be an integer >= 0, got {self.stage1_steps!r}")
         for name in ("learning_rate", "projector_learning_rate", "clip_learning_rate", "stage1_learning_rate"):
@@ -92,10 +104,19 @@ class ToySettings:
         payload = json.dumps({"format": TOY_FORMAT, **model_settings}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
+    def scenes_key(self) -> str:
+        """Hash of what decides the drawn scenes: the training and held-out sets are shared by the models
+        of both towers (and any other training settings), drawn once."""
+        words = {"words": True} if self.text_question else {}  # the task without words keeps its key
+        payload = json.dumps({"format": TOY_FORMAT, "seed": self.seed, "image_size": self.image_size, **words},
+                             sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
     def model_settings(self) -> dict:
         """The settings that decide the trained model (those of the other tower's training are left out
         of a random tower's, so they do not split its cache)."""
-        unused = {"eval_images"} | ({"clip_steps", "clip_batch_size", "clip_learning_rate"} if self.tower == "random" else set())
+        unused = ({"eval_images"} | ({"clip_steps", "clip_batch_size", "clip_learning_rate"} if self.tower == "random" else set())
+                  | (set() if self.text_question else {"text_question"}))  # the task without words keeps its key
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
 
 
@@ -105,7 +126,7 @@ class ToyModel:
 
     folder: Path
     model_path: Path  # the trained checkpoint (full weights + tokenizer + tower folder)
-    question_file: Path  # held-out questions (eval-<n>/ beside the model)
+    question_file: Path  # held-out questions (scenes-<key>/eval-<n>/, shared by the towers)
     annotation_file: Path
     image_folder: Path
     train_seconds: float
@@ -113,6 +134,7 @@ class ToyModel:
     settings: ToySettings
     cached: bool
     record: dict = dataclasses.field(default_factory=dict)  # toy_complete.json: stages' seconds and losses
+    data_folder: Path | None = None  # the training scenes (train.json, captions.json, images/)
 
 
 def default_toy_cache() -> Path:
@@ -154,31 +176,44 @@ def train_argv(model_dir: str, data_path: str, image_folder: str, output_dir: st
 
 
 def progress_callback(label: str, every: int, out):
-    """A ``TrainerCallback`` writing one line to ``out`` every ``every`` steps and at the last step."""
+    """A ``TrainerCallback`` writing one line every ``every`` steps and at the last step, to ``out`` (a
+    stream, or a ``print``-like function, called with ``file=`` the stdout of the moment this callback is
+    made: the Trainer's stdout is redirected while it runs), with the time since the first step."""
+    import time
+
     from transformers import TrainerCallback
+
+    write = out if callable(out) else None
+    stdout = sys.stdout
+    began = time.perf_counter()
 
     class StepProgress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             step = state.global_step
             if logs and "loss" in logs and (step % every == 0 or step == state.max_steps):
-                out.write(f"  {label}: step {step}/{state.max_steps}, loss {logs['loss']:.3f}\n")
-                out.flush()
+                line = f"  {label}: step {step}/{state.max_steps}, loss {logs['loss']:.3f} [{time.perf_counter() - began:.0f} s]"
+                if write is not None:
+                    write(line, flush=True, file=stdout)
+                else:
+                    out.write(line + "\n")
+                    out.flush()
 
     return StepProgress()
 
 
-def run_training(argv: list[str], label: str, every: int = 10):
-    """``llava.train.train.train(*parse_arguments(argv))`` showing one progress line every ``every`` steps.
+def run_training(argv: list[str], label: str, every: int = 10, printer=None):
+    """``llava.train.train.train(*parse_arguments(argv))`` showing one progress line every ``every`` steps
+    (through ``printer``, default this process's stdout).
 
     The Trainer prints every logged step's dict when its progress bar is off; that stdout goes to a
     buffer, and the entry point's one summary line is returned with the result. Warnings still surface
     (they go to stderr)."""
     from llava.train.train import parse_arguments, train
 
-    out = sys.stdout
+    progress = progress_callback(label, every, printer if printer is not None else sys.stdout)  # outside the redirect
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        result = train(*parse_arguments(argv), callbacks=[progress_callback(label, every, out)])
+        result = train(*parse_arguments(argv), callbacks=[progress])
     summary = [line for line in buffer.getvalue().splitlines() if line.startswith("[llava.train]")]
     return result, summary
 
@@ -264,7 +299,7 @@ def _contrastive_tower(base: Path, folder: Path, settings: ToySettings, printer)
         return target, json.loads(record_file.read_text())
     tower = CLIPVisionModel.from_pretrained(base / TOWER_DIR, attn_implementation="sdpa")
     clip = ClipSettings(steps=settings.clip_steps, batch_size=settings.clip_batch_size,
-                        learning_rate=settings.clip_learning_rate)
+                        learning_rate=settings.clip_learning_rate, words=settings.text_question)
     printer(f"toy tower: contrastive image-text pre-training of the {settings.vision_layers}-layer tower "
             f"({clip.steps} steps of {clip.batch_size} captioned scenes, InfoNCE)", flush=True)
     training = train_clip_tower(tower, clip, settings.seed, printer=printer, every=max(1, clip.steps // 5))
@@ -279,30 +314,81 @@ def _contrastive_tower(base: Path, folder: Path, settings: ToySettings, printer)
     return target, record
 
 
+def _draw_once(folder: Path, marker: str, draw, what: str, printer) -> None:
+    """Run ``draw()`` (which writes ``folder`` and, last, ``folder/marker``) unless ``marker`` is there,
+    holding a lock beside ``folder``: the processes of the two towers share the scenes, and the second
+    one waits for the first's drawing instead of drawing the same files again."""
+    import time
+
+    from llava.utils_io import FileLock
+
+    if (folder / marker).is_file():
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder.parent / f".{folder.name}.lock", what=what)
+    waiting = False
+    while True:
+        try:
+            lock.acquire()
+            break
+        except FileExistsError:  # a live process draws them now (a dead one's lock is taken over)
+            if not waiting:
+                printer(f"  waiting for another process drawing {what}", flush=True)
+                waiting = True
+            time.sleep(0.5)
+    try:
+        if not (folder / marker).is_file():
+            draw()
+    finally:
+        lock.release()
+
+
+def _held_out_set(settings: ToySettings, held_out: Path, printer) -> None:
+    def draw():
+        printer(f"toy task: drawing {settings.eval_images} held-out scenes into {held_out}", flush=True)
+        write_eval_set(str(held_out), settings.eval_images, settings.seed, settings.image_size,
+                       words=settings.text_question)
+
+    _draw_once(held_out, "annotations.json", draw, f"the held-out scenes {held_out}", printer)
+
+
+def _training_set(settings: ToySettings, data: Path, printer) -> None:
+    """The training scenes' conversations (stage 2) and captions (stage 1), ``captions.json`` last."""
+    def draw():
+        printer(f"toy task: drawing {settings.train_images} training scenes into {data}", flush=True)
+        write_train_set(str(data), settings.train_images, settings.seed, settings.image_size,
+                        progress=lambda n: printer(f"  {n}/{settings.train_images} scenes", flush=True),
+                        words=settings.text_question)
+        write_caption_set(str(data), settings.train_images, settings.seed, settings.image_size,
+                          words=settings.text_question)
+
+    _draw_once(data, "captions.json", draw, f"the training scenes {data}", printer)
+
+
 def prepare_toy(settings: ToySettings | None = None, cache_root: Path | str | None = None,
                 printer=print) -> ToyModel:
     """The trained toy model for ``settings`` (default ``ToySettings()``), trained once into
-    ``cache_root/<settings.key()>/`` and reused afterwards."""
+    ``cache_root/<settings.key()>/`` and reused afterwards; its scenes in ``cache_root/scenes-<key>/``."""
     settings = settings or ToySettings()
-    root = Path(cache_root) if cache_root is not None else default_toy_cache()
-    folder = (root / settings.key()).resolve()
-    data = folder / "data"
-    held_out = folder / f"eval-{settings.eval_images}"
+    root = (Path(cache_root) if cache_root is not None else default_toy_cache()).resolve()
+    folder = root / settings.key()
+    scenes = root / f"scenes-{settings.scenes_key()}"
+    data = scenes / f"train-{settings.train_images}"
+    held_out = scenes / f"eval-{settings.eval_images}"
     checkpoint = folder / "model"
     done = folder / DONE
-    if not (held_out / "annotations.json").is_file():
-        printer(f"toy task: drawing {settings.eval_images} held-out scenes into {held_out}", flush=True)
-        write_eval_set(str(held_out), settings.eval_images, settings.seed, settings.image_size)
+    _held_out_set(settings, held_out, printer)
     eval_paths = (held_out / "questions.jsonl", held_out / "annotations.json", held_out / "images")
     if done.is_file():
         record = json.loads(done.read_text())
         return ToyModel(folder, checkpoint, *eval_paths, record["train_seconds"], record["losses"], settings,
-                        cached=True, record=record)
+                        cached=True, record=record, data_folder=data)
 
     from llava.utils_io import FileLock
 
-    # one process trains a given toy model: a second one fails here, naming the first, instead of redrawing
-    # the images the first is training on
+    # one process trains a given toy model: a second one fails here, naming the first, instead of training
+    # it again beside the first
+    folder.mkdir(parents=True, exist_ok=True)
     with FileLock(folder / ".toy.lock", what=f"the toy model {folder}"):
         return _train_toy(settings, folder, data, held_out, checkpoint, done, eval_paths, printer)
 
@@ -316,21 +402,20 @@ def _train_toy(settings: ToySettings, folder: Path, data: Path, held_out: Path, 
     if done.is_file():  # finished by the process that held the lock before
         record = json.loads(done.read_text())
         return ToyModel(folder, checkpoint, *eval_paths, record["train_seconds"], record["losses"], settings,
-                        cached=True, record=record)
+                        cached=True, record=record, data_folder=data)
     base = Path(build_tiny_llava(str(folder / "base"), version="v1.5", seed=settings.seed, hidden=settings.hidden,
                                  layers=settings.layers, vision_hidden=settings.vision_hidden,
                                  vision_layers=settings.vision_layers, image_size=settings.image_size,
-                                 extra_corpus=TASK_CORPUS))
+                                 extra_corpus=TASK_CORPUS + (TEXT_CORPUS if settings.text_question else "")))
     record: dict = {"settings": settings.model_settings()}
     if settings.tower == "clip":
         base, record["clip"] = _contrastive_tower(base, folder, settings, printer)
-    printer(f"toy task: drawing {settings.train_images} training scenes into {data}", flush=True)
-    train_json = write_train_set(str(data), settings.train_images, settings.seed, settings.image_size,
-                                 progress=lambda n: printer(f"  {n}/{settings.train_images} scenes", flush=True))
+    _training_set(settings, data, printer)
+    train_json = str(data / "train.json")
     tower_words = "contrastively trained" if settings.tower == "clip" else "random"
     extra = []
     if settings.stage1_steps:
-        captions_json = write_caption_set(str(data), settings.train_images, settings.seed, settings.image_size)
+        captions_json = str(data / "captions.json")
         stage1 = folder / "stage1"
         printer(f"LLaVA stage 1: the projector alone on captions ({settings.stage1_steps} steps; {tower_words} "
                 f"tower and LLM frozen) through llava.train.train", flush=True)
@@ -340,7 +425,7 @@ def _train_toy(settings: ToySettings, folder: Path, data: Path, held_out: Path, 
         result, _summary = run_training(
             train_argv(str(base), captions_json, str(data / "images"), str(stage1), stage1_settings,
                        "--version", "plain", "--tune_mm_mlp_adapter", "True", "--max_steps", str(settings.stage1_steps)),
-            "stage 1", every=max(1, settings.stage1_steps // 4))
+            "stage 1", every=max(1, settings.stage1_steps // 4), printer=printer)
         record["stage1"] = {"seconds": time.perf_counter() - start, "losses": result.losses}
         extra = ["--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.bin")]
     steps = total_steps(settings)
@@ -350,7 +435,7 @@ def _train_toy(settings: ToySettings, folder: Path, data: Path, held_out: Path, 
     start = time.perf_counter()
     result, summary = run_training(
         train_argv(str(base), train_json, str(data / "images"), str(checkpoint), settings, *extra),
-        "stage 2", every=max(1, steps // 10),
+        "stage 2", every=max(1, steps // 10), printer=printer,
     )
     for line in summary:
         printer(line)
@@ -358,7 +443,8 @@ def _train_toy(settings: ToySettings, folder: Path, data: Path, held_out: Path, 
     _copy_tower(base, checkpoint)
     record.update({"train_seconds": seconds, "losses": result.losses, "steps": result.global_step})
     atomic_write_text(done, json.dumps(record, indent=1))
-    return ToyModel(folder, checkpoint, *eval_paths, seconds, result.losses, settings, cached=False, record=record)
+    return ToyModel(folder, checkpoint, *eval_paths, seconds, result.losses, settings, cached=False, record=record,
+                    data_folder=data)
 
 
 @dataclass(frozen=True)
@@ -395,12 +481,13 @@ def tune_projector(toy: ToyModel, spec: str = "visionzip:64", steps: int = 32, l
         return ProjectorTuning(run_dir, config.spec(), steps, record["train_seconds"], record["losses"], True)
     settings = dataclasses.replace(toy.settings, learning_rate=learning_rate, projector_learning_rate=learning_rate,
                                    warmup_ratio=0.0)
-    data = toy.folder / "data"
+    data = toy.data_folder
+    _training_set(toy.settings, data, printer)  # drawn already, unless the model came from an older cache
     argv = train_argv(str(toy.model_path), str(data / "train.json"), str(data / "images"), str(run_dir), settings,
                       "--tune_mm_mlp_adapter", "True", "--compression", config.spec(), "--max_steps", str(steps))
     printer(f"projector-only tuning with {config.spec()}: {steps} steps through llava.train.train", flush=True)
     start = time.perf_counter()
-    result, _summary = run_training(argv, "projector tuning", every=max(1, steps // 4))
+    result, _summary = run_training(argv, "projector tuning", every=max(1, steps // 4), printer=printer)
     seconds = time.perf_counter() - start
     atomic_write_text(done, json.dumps({"spec": config.spec(), "steps": steps, "train_seconds": seconds,
                                         "losses": result.losses}, indent=1))

@@ -2,14 +2,17 @@
 trained (a CLIP-like tower, stage 1, stage 2), and its accuracy against visual tokens per method, next to
 the same LLaVA on a random tower.
 
-    python -m llava.toy [--tower both|clip|random --questions 60 --tune-steps 8]   # bash scripts/demo.sh runs this
+    python -m llava.toy [--tower both|clip|random --jobs 2 --questions 60 --tune-steps 8 --text-question]
+    # bash scripts/demo.sh runs this
 
 1. The toy models (``llava.toy``, docs/toy_task.md): a tiny LLaVA-1.5 in the real ViT-L/14-336 token
    geometry (576 patches + CLS; a narrow, shallow tower) on a procedural visual task (shapes on cluttered
    backgrounds: how many, which colour, which half), twice: with a tower trained contrastively on the
    scenes' captions (``llava.toy.clip``, as CLIP is) and with that tower's random initialisation; each
    through LLaVA's stage 1 (projector on captions) and stage 2 (LLM + projector on questions) with the
-   real training entry point; trained once, then reused from ``.cache/toy/``.
+   real training entry point; trained once, then reused from ``.cache/toy/``. The two towers' models are
+   trained and answer (step 3) side by side, one process each (``--jobs``; ``tower_job``), on the same
+   drawn scenes. ``--text-question``: the task with a word written in each scene and a fourth question.
 2. The [CLS] attention's concentration per tower layer (VisionZip Fig. 2): the share held by the top 1 /
    5 / 10 % of the patches, trained against random tower (``cls_attention.{md,png}``).
 3. Accuracy against visual tokens per tower: held-out questions answered by the eval engine
@@ -303,8 +306,9 @@ def plot_kept_tokens(image, rows: list[tuple[str, list[tuple[str, list, list]]]]
 # -------------------------------------------------------------------------------------------- timings
 def timing_rows(evaluator, specs: list[str], batch_size: int, repeats: int) -> list[tuple[str, object]]:
     """Answering time of one batch of held-out questions per spec, interleaved across specs (so that the
-    load of a shared machine hits them alike): ``warmup`` 1, then ``repeats`` timed rounds."""
-    from visionzip.profiling import measure_interleaved
+    load of a shared machine hits them alike, A B then B A as ``measure_interleaved``): one warm-up round,
+    then ``repeats`` timed rounds (no memory round: the study prints times only)."""
+    from visionzip.profiling import Measurement, timed_call
 
     batch = evaluator.items[:batch_size]
     calls = {}
@@ -313,7 +317,12 @@ def timing_rows(evaluator, specs: list[str], batch_size: int, repeats: int) -> l
             evaluator.set_compression(spec)
             evaluator.answerer(batch)
         calls[spec] = call
-    results = measure_interleaved(calls, repeats=repeats, warmup=1)
+    for spec in specs:
+        calls[spec]()
+    results = {spec: Measurement() for spec in specs}
+    for round_index in range(repeats):
+        for spec in specs if round_index % 2 == 0 else specs[::-1]:
+            results[spec].times.append(timed_call(calls[spec]))
     evaluator.model.set_visual_compression(None)
     return [(spec, results[spec]) for spec in specs]
 
@@ -340,6 +349,127 @@ def describe_training(toy) -> str:
     return "\n".join(lines)
 
 
+TOWER_TAGS = {"clip": "[trained tower]", "random": "[random tower]"}
+
+
+def tower_job(tower: str, options: dict) -> dict:
+    """One tower's part of the main job: its toy model (trained now or reused), the accuracy of vanilla
+    and every registered method at every budget, and VisionZip‡. Run in a process of its own when the
+    towers run side by side (``--jobs``), so it takes plain values and returns plain values; its progress
+    lines carry the tower's tag. Returns what the tables need, with its wall and CPU seconds."""
+    began, cpu_began = time.perf_counter(), time.process_time()
+    from llava.toy import ToySettings, prepare_toy
+
+    settings = ToySettings(tower=tower, text_question=options["text_question"],  # bad settings fail first
+                           **({} if options["questions"] is None else {"eval_images": options["questions"]}))
+    quiet_libraries()
+    import torch
+
+    from llava.toy.evaluate import ToyEvaluator
+    from llava.toy.model import tune_projector
+    from visionzip import registered_methods
+
+    if options.get("threads"):
+        torch.set_num_threads(options["threads"])
+    tag = TOWER_TAGS[tower]
+
+    def printer(*parts, **kwargs):
+        say(tag, *parts, **kwargs)
+
+    output, focus = Path(options["output"]), options["focus"]
+    toy = prepare_toy(settings, cache_root=options["cache_dir"], printer=printer)
+    for line in describe_training(toy).splitlines():
+        printer(line)
+    answers_dir = answers_folder(output, toy)
+    if options["reanswer"] and answers_dir.exists():
+        shutil.rmtree(answers_dir)
+    reused = len(list(answers_dir.glob("*.jsonl"))) if answers_dir.exists() else 0
+    if reused:
+        printer(f"  ({reused} answer files of these weights and this code in {answers_dir} are reused; "
+                "--reanswer regenerates them)")
+    evaluator = ToyEvaluator(toy, answers_dir, batch_size=options["batch_size"])
+    methods = registered_methods()
+    printer(f"answering {len(evaluator.items)} held-out questions: vanilla and {len(methods)} methods at "
+            f"{', '.join(map(str, options['budgets']))} tokens")
+    vanilla, table, reasons = accuracy_rows(evaluator, methods, options["budgets"], printer=printer)
+    del evaluator
+    extra_rows, extra_scores, dagger = [], [], None
+    if options["tune_steps"]:
+        tuning = tune_projector(toy, f"visionzip:{focus}", steps=options["tune_steps"], printer=printer)
+        tuned = ToyEvaluator(toy, answers_folder(output, toy, tuning.run_dir) / "visionzip-dagger",
+                             batch_size=options["batch_size"], model_path=tuning.run_dir, model_base=toy.model_path)
+        score = tuned.evaluate(f"visionzip:{focus}")
+        dagger = score.accuracy
+        printer(f"  VisionZip‡: {tuning.steps} projector-only steps at {focus} tokens "
+                f"({'reused' if tuning.cached else f'{tuning.seconds:.0f} s'}), loss {loss_span(tuning.losses)}")
+        extra_rows.append((f"visionzip‡ (projector tuned at {focus})", {focus: f"{score.accuracy:.1f}"}))
+        extra_scores.append(("visionzip‡", score))
+    return {"toy": toy, "vanilla": vanilla, "table": table, "reasons": reasons, "extra_rows": extra_rows,
+            "extra_scores": extra_scores, "dagger": dagger,
+            "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began}
+
+
+def _tower_process(tower: str, options: dict, connection) -> None:
+    """``tower_job`` in a process of its own: the result, or the error's traceback, goes to ``connection``."""
+    import traceback
+
+    try:
+        result = tower_job(tower, options)
+    except BaseException:  # KeyboardInterrupt included: the parent prints it and stops the other tower
+        connection.send(("error", traceback.format_exc()))
+        raise SystemExit(1) from None  # the traceback is printed once, by the parent
+    else:
+        connection.send(("done", result))
+    finally:
+        connection.close()
+
+
+def run_tower_jobs(towers: tuple, options: dict, jobs: int) -> dict:
+    """``tower_job`` for each tower: side by side, one process each (spawned: a forked torch is unsafe),
+    the CPU threads split between them, when ``jobs`` > 1; else one after the other in this process. A
+    job that fails, or a process that ends without a result (killed), stops the others and raises."""
+    if jobs <= 1 or len(towers) == 1:
+        return {tower: tower_job(tower, options) for tower in towers}
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    import torch
+
+    context = multiprocessing.get_context("spawn")
+    options = {**options, "threads": max(1, torch.get_num_threads() // len(towers))}
+    running, results = {}, {}
+    finished = False
+    try:
+        for tower in towers:
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=_tower_process, args=(tower, options, sender), name=f"toy-{tower}")
+            process.start()
+            sender.close()  # the child holds the other end: its exit closes the pipe
+            running[tower] = (process, receiver)
+        while len(results) < len(towers):
+            pending = {receiver: tower for tower, (_process, receiver) in running.items() if tower not in results}
+            for receiver in wait(list(pending)):
+                tower = pending[receiver]
+                try:
+                    status, payload = receiver.recv()
+                except EOFError:
+                    process = running[tower][0]
+                    process.join()
+                    raise RuntimeError(f"the {TOWER_TAGS[tower][1:-1]}'s process ended (exit code {process.exitcode}) "
+                                       "without a result") from None
+                if status == "error":
+                    raise RuntimeError(f"the {TOWER_TAGS[tower][1:-1]}'s process failed:\n{payload}")
+                results[tower] = payload
+        finished = True
+    finally:
+        for process, receiver in running.values():
+            if not finished and process.is_alive():
+                process.terminate()  # a finished one is left to exit by itself (its cleanup frees its locks)
+            process.join()
+            receiver.close()
+    return {tower: results[tower] for tower in towers}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/toy", help="where the tables, plots and answers go")
@@ -347,16 +477,22 @@ def main(argv=None) -> int:
     parser.add_argument("--tower", choices=("both", "clip", "random"), default="both",
                         help="the toy LLaVA's vision tower: contrastively trained (clip), its random initialisation "
                              "(random), or both as two row groups (default)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per timing (after one warm-up)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="towers trained and answered side by side, one process each (default: as many as "
+                             "there are towers and CPU cores; 1: one after the other in this process)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per timing (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
     parser.add_argument("--tune-steps", type=int, default=100, help="VisionZip‡ projector-tuning steps (0 skips)")
     parser.add_argument("--reanswer", action="store_true", help="regenerate answers kept from earlier runs")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
                         help="visual-token budgets per image, comma-separated (default %(default)s)")
     parser.add_argument("--questions", type=int, default=None,
-                        help="held-out questions (default: the toy settings', 180); the model is the same")
+                        help="held-out questions (default: the toy settings', 120); the model is the same")
+    parser.add_argument("--text-question", action="store_true",
+                        help="the task with a word written in each scene and a fourth question type, \"What word "
+                             "is written in the image?\" (other models, trained on those scenes; docs/toy_task.md)")
     args = parser.parse_args(argv)
-    for name in ("repeats", "batch_size", "questions"):
+    for name in ("repeats", "batch_size", "questions", "jobs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.tune_steps < 0:
@@ -373,70 +509,61 @@ def main(argv=None) -> int:
 
     import torch
 
-    from llava.toy import QUESTION_TYPES, ToySettings, majority_baseline, prepare_toy
+    from llava.toy import majority_baseline
     from llava.toy.clip import cls_attention_shares, shares_table
     from llava.toy.evaluate import ToyEvaluator
-    from llava.toy.model import tune_projector
+    from llava.toy.task import question_types
     from visionzip import get_method, registered_methods
 
     began = time.perf_counter()
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     towers = ("clip", "random") if args.tower == "both" else (args.tower,)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = min(len(towers), cores) if args.jobs is None else min(args.jobs, len(towers))
+    options = {"output": str(output), "cache_dir": args.cache_dir, "questions": args.questions, "budgets": budgets,
+               "focus": focus, "tune_steps": args.tune_steps, "batch_size": args.batch_size,
+               "reanswer": args.reanswer, "text_question": args.text_question}
+    from llava.toy import ToySettings
 
+    for tower in towers:  # the settings' checks, before any process starts
+        ToySettings(tower=tower, text_question=args.text_question,
+                    **({} if args.questions is None else {"eval_images": args.questions}))
+
+    methods = registered_methods()
+    how = (f"side by side, one process per tower ({cores} CPU cores)" if jobs > 1 and len(towers) > 1
+           else "one after the other")
     say("== 1. The toy models: a tiny LLaVA-1.5 (ViT-L/14-336 geometry) trained on a procedural task, "
-        f"on the {' and the '.join(TOWER_TITLES[t] for t in towers)} ==")
-    toys, evaluators = {}, {}
-    for tower in towers:
-        settings = ToySettings(tower=tower) if args.questions is None else ToySettings(tower=tower, eval_images=args.questions)
-        say(f"-- {TOWER_TITLES[tower]} --")
-        toys[tower] = toy = prepare_toy(settings, cache_root=args.cache_dir, printer=say)
-        say(describe_training(toy))
-        answers_dir = answers_folder(output, toy)
-        if args.reanswer and answers_dir.exists():
-            shutil.rmtree(answers_dir)
-        reused = len(list(answers_dir.glob("*.jsonl"))) if answers_dir.exists() else 0
-        if reused:
-            say(f"  ({reused} answer files of these weights and this code in {answers_dir} are reused; "
-                "--reanswer regenerates them)")
-        evaluators[tower] = ToyEvaluator(toy, answers_dir, batch_size=args.batch_size)
-    first = evaluators[towers[0]]
+        f"on the {' and the '.join(TOWER_TITLES[t] for t in towers)}, and their answers: vanilla and "
+        f"{len(methods)} methods ({', '.join(methods)}) at {', '.join(map(str, budgets))} tokens; {how} ==")
+    results = run_tower_jobs(towers, options, jobs)
+    phase_seconds = time.perf_counter() - began
+    toys = {tower: result["toy"] for tower, result in results.items()}
+    first = ToyEvaluator(toys[towers[0]], answers_folder(output, toys[towers[0]]), batch_size=args.batch_size)
     majority = majority_baseline(str(toys[towers[0]].annotation_file))
-    say(f"held-out set: {len(first.items)} questions, an equal share each of {', '.join(QUESTION_TYPES)}; "
+    say(f"held-out set: {len(first.items)} questions, an equal share each of "
+        f"{', '.join(question_types(args.text_question))}; "
         f"majority-answer baseline {majority:.1f} %")
 
     say("\n== 2. [CLS] attention concentration per tower layer (VisionZip Fig. 2), on 16 held-out images ==")
     concentration = []
     for tower in towers:
         model, processor = load_tower(toys[tower])
-        concentration.append((TOWER_TITLES[tower], cls_attention_shares(model, held_out_pixels(evaluators[tower], processor, 16))))
+        concentration.append((TOWER_TITLES[tower], cls_attention_shares(model, held_out_pixels(first, processor, 16))))
     shares = shares_table(concentration)
     atomic_write_text(output / "cls_attention.md", shares)
     say(shares + f"figure: {plot_concentration(concentration, output / 'cls_attention.png')}")
 
-    methods = registered_methods()
-    say(f"\n== 3. Accuracy against visual tokens: vanilla and {len(methods)} methods ({', '.join(methods)}) ==")
+    say(f"\n== 3. Accuracy against visual tokens: vanilla and {len(methods)} methods ==")
     markdown, groups = "", []
     for tower in towers:
-        toy, evaluator = toys[tower], evaluators[tower]
-        say(f"-- {TOWER_TITLES[tower]} --")
-        vanilla, table, reasons = accuracy_rows(evaluator, methods, budgets)
-        extra_rows, extra_scores, dagger = [], [], None
-        if args.tune_steps:
-            tuning = tune_projector(toy, f"visionzip:{focus}", steps=args.tune_steps, printer=say)
-            tuned = ToyEvaluator(toy, answers_folder(output, toy, tuning.run_dir) / "visionzip-dagger",
-                                 batch_size=args.batch_size, model_path=tuning.run_dir, model_base=toy.model_path)
-            score = tuned.evaluate(f"visionzip:{focus}")
-            dagger = score.accuracy
-            say(f"  VisionZip‡: {tuning.steps} projector-only steps at {focus} tokens "
-                f"({'reused' if tuning.cached else f'{tuning.seconds:.0f} s'}), loss {loss_span(tuning.losses)}")
-            extra_rows.append((f"visionzip‡ (projector tuned at {focus})", {focus: f"{score.accuracy:.1f}"}))
-            extra_scores.append(("visionzip‡", score))
-            del tuned
+        result = results[tower]
         markdown += (f"\n### {TOWER_TITLES[tower]}\n\n"
-                     + markdown_table(vanilla, table, reasons, majority, len(evaluator.items), budgets, extra_rows)
-                     + "\nPer question type:\n\n" + by_type_table(vanilla, table, focus, extra_scores))
-        groups.append((TOWER_TITLES[tower], vanilla, table, dagger))
+                     + markdown_table(result["vanilla"], result["table"], result["reasons"], majority,
+                                      len(first.items), budgets, result["extra_rows"])
+                     + "\nPer question type:\n\n"
+                     + by_type_table(result["vanilla"], result["table"], focus, result["extra_scores"]))
+        groups.append((TOWER_TITLES[tower], result["vanilla"], result["table"], result["dagger"]))
     atomic_write_text(output / "accuracy_vs_tokens.md", markdown.lstrip())
     plot = plot_accuracy(groups, majority, output / "accuracy_vs_tokens.png", budgets, focus)
     say(markdown)
@@ -478,7 +605,11 @@ def main(argv=None) -> int:
     say("\n== Ask the toy model yourself: it was trained on each question followed by LLaVA-1.5's short-answer "
         "hint, so give it that prompt, as here ==")
     say(run_llava_command(toys[towers[0]]))
-    say(f"\nmain job finished in {time.perf_counter() - began:.0f} s")
+    total = time.perf_counter() - began
+    per_tower = "; ".join(f"{TOWER_TAGS[t][1:-1]} {results[t]['seconds']:.0f} s ({results[t]['cpu_seconds']:.0f} s of CPU)"
+                          for t in towers)
+    say(f"\nmain job finished in {total:.0f} s: models and answers {phase_seconds:.0f} s ({per_tower}), "
+        f"figures and timings {total - phase_seconds:.0f} s")
     return 0
 
 

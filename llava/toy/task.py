@@ -13,6 +13,11 @@ Question types (``QUESTION_TYPES``), all asked about every scene, each with an e
 - ``colour``:   "What colour is the shape?" / "What colour are the shapes?" -> one of the six colour names
 - ``position``: "Is the shape in the top or the bottom half?" / "Are the shapes ...?" -> "top" / "bottom"
 
+With ``words=True`` (``ToySettings.text_question``, ``--text-question``) a scene also carries a short word
+(``TEXT_WORDS``) in black 5 x 7 bitmap capitals in the half without shapes, and a fourth type asks it:
+
+- ``text``:     "What word is written in the image?" -> "cat" / "dog" / "sun" / "cup"
+
 Each is answered by reading the image as a whole (how much coloured area, which colour, where it is),
 which a tiny language model learns in a few hundred steps; questions that ask about one object among several ("is
 there a red shape?" with shapes of several colours) need a two-step lookup that it did not learn in that
@@ -49,6 +54,23 @@ COLOURS = {
 }
 SHAPES = ("square", "circle")
 QUESTION_TYPES = ("count", "colour", "position")
+TEXT_QUESTION = "What word is written in the image?"
+TEXT_WORDS = ("cat", "dog", "sun", "cup")
+# 5 x 7 bitmap capitals of the words' letters ("#" = ink), one cell = GLYPH_CELL px at 336
+GLYPHS = {
+    "a": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "c": (".####", "#....", "#....", "#....", "#....", "#....", ".####"),
+    "d": ("####.", "#...#", "#...#", "#...#", "#...#", "#...#", "####."),
+    "g": (".####", "#....", "#....", "#.###", "#...#", "#...#", ".###."),
+    "n": ("#...#", "##..#", "#.#.#", "#..##", "#...#", "#...#", "#...#"),
+    "o": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "p": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
+    "s": (".####", "#....", "#....", ".###.", "....#", "....#", "####."),
+    "t": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
+    "u": ("#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+}
+GLYPH_CELL = 8  # px per font cell at 336: a 3-letter word is 17 x 7 cells = 136 x 56 px (about 10 x 4 patches)
+INK = (15, 15, 15)
 HALVES = ("top", "bottom")
 MAX_OBJECTS = 3
 SHAPE_SIZE = 96
@@ -69,6 +91,8 @@ class Scene:
     objects: tuple[SceneObject, ...]
     image_size: int = IMAGE_SIZE
     half: str = "top"  # every shape lies in this half of the image (HALVES)
+    word: str | None = None  # the word written in the other half (``words=True``), or none
+    word_origin: tuple[int, int] = (0, 0)  # its top-left pixel
 
     def image(self) -> Image.Image:
         return draw_scene(self)
@@ -92,9 +116,21 @@ def check_image_size(image_size: int) -> None:
                          f"got {image_size!r}")
 
 
-def make_scene(seed: int, image_size: int = IMAGE_SIZE) -> Scene:
+def glyph_cell(image_size: int) -> int:
+    return max(2, round(GLYPH_CELL * image_size / IMAGE_SIZE))
+
+
+def word_size(word: str, image_size: int) -> tuple[int, int]:
+    """(width, height) in px of ``word`` drawn in the bitmap font: 5 cells per letter, 1 between."""
+    cell = glyph_cell(image_size)
+    return (6 * len(word) - 1) * cell, 7 * cell
+
+
+def make_scene(seed: int, image_size: int = IMAGE_SIZE, words: bool = False) -> Scene:
     """A random scene: 1 to 3 non-overlapping shapes of one colour, all in the top or all in the bottom
-    half of the image (a shape is less than half the image tall, and three fit side by side)."""
+    half of the image (a shape is less than half the image tall, and three fit side by side). ``words``:
+    also a word (``TEXT_WORDS``) in the other half, drawn after the shapes' draws (the shapes are those of
+    the scene without it)."""
     check_image_size(image_size)
     size = shape_size(image_size)
     rng = random.Random(seed)
@@ -115,7 +151,13 @@ def make_scene(seed: int, image_size: int = IMAGE_SIZE) -> Scene:
         if _overlaps(box, [o.box for o in objects], margin=max(2, size // 16)):
             continue
         objects.append(SceneObject(rng.choice(SHAPES), colour, box))
-    return Scene(seed, tuple(objects), image_size, half)
+    if not words:
+        return Scene(seed, tuple(objects), image_size, half)
+    word = rng.choice(TEXT_WORDS)
+    width, height = word_size(word, image_size)
+    rows = (middle + 4, image_size - height - 4) if half == "top" else (4, middle - height - 4)
+    origin = (rng.randint(4, image_size - width - 4), rng.randint(*rows))
+    return Scene(seed, tuple(objects), image_size, half, word, origin)
 
 
 def draw_scene(scene: Scene) -> Image.Image:
@@ -146,6 +188,15 @@ def draw_scene(scene: Scene) -> Image.Image:
             draw.rectangle([x0, y0, x1, y1], fill=fill)
         else:
             draw.ellipse([x0, y0, x1, y1], fill=fill)
+    if scene.word:
+        cell = glyph_cell(side)
+        x, y = scene.word_origin
+        for index, letter in enumerate(scene.word):
+            for row, bits in enumerate(GLYPHS[letter]):
+                for column, bit in enumerate(bits):
+                    if bit == "#":
+                        left, top = x + (6 * index + column) * cell, y + row * cell
+                        draw.rectangle([left, top, left + cell - 1, top + cell - 1], fill=INK)
     return image
 
 
@@ -159,6 +210,8 @@ def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, st
              else "Are the shapes in the top or the bottom half?")
     questions = [("count", "How many shapes are there?", str(count)), ("colour", which, colour),
                  ("position", where, scene.half)]
+    if scene.word:
+        questions.append(("text", TEXT_QUESTION, scene.word))
     rng.shuffle(questions)
     return questions
 
@@ -179,6 +232,8 @@ def caption(scene: Scene, rng: random.Random) -> str:
         for shape, n in sorted(kinds.items()))
     phrases = [f"{NUMBER_WORDS[count]} {colour} {'shape' if count == 1 else 'shapes'}", shapes,
                f"in the {scene.half} half"]
+    if scene.word:
+        phrases.append(f"the word {scene.word}")
     rng.shuffle(phrases)
     return " ".join(phrases)
 
@@ -194,6 +249,17 @@ TASK_CORPUS = "\n".join(
 ) * 4 + "\n"
 
 
+# The text question's words (``words=True`` only: the default task's tokenizer stays as it was).
+TEXT_CORPUS = "\n".join(
+    [f"{TEXT_QUESTION}\n{SHORT_ANSWER} {w}" for w in TEXT_WORDS]
+    + [f"one red shape in the top half the word {w}" for w in TEXT_WORDS]
+) * 4 + "\n"
+
+
+def question_types(words: bool = False) -> tuple[str, ...]:
+    return (*QUESTION_TYPES, "text") if words else QUESTION_TYPES
+
+
 def save_image(image: Image.Image, path: str) -> None:
     """A PNG written whole or not at all (a run killed while drawing left a truncated PNG that the next
     training read as a bad sample)."""
@@ -206,10 +272,12 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def write_train_set(folder: str, num_images: int, seed: int, image_size: int = IMAGE_SIZE, progress=None) -> str:
+def write_train_set(folder: str, num_images: int, seed: int, image_size: int = IMAGE_SIZE, progress=None,
+                    words: bool = False) -> str:
     """``folder/images/train_*.png`` and ``folder/train.json`` (LLaVA's conversation format: each scene's
     questions as one conversation, the image in the first turn); returns the JSON path. ``progress``:
-    called with the number of scenes drawn so far, at every tenth (drawing 1280 scenes takes minutes)."""
+    called with the number of scenes drawn so far, at every tenth (drawing 1280 scenes takes minutes).
+    ``words``: scenes with a word and the text question (``make_scene``)."""
     _check_count("num_images", num_images)
     check_image_size(image_size)
     images = os.path.join(folder, "images")
@@ -217,7 +285,7 @@ def write_train_set(folder: str, num_images: int, seed: int, image_size: int = I
     rng = random.Random(f"train-{seed}")
     records = []
     for i in range(num_images):
-        scene = make_scene(rng.randrange(2**31), image_size)
+        scene = make_scene(rng.randrange(2**31), image_size, words)
         name = f"train_{i:05d}.png"
         save_image(scene.image(), os.path.join(images, name))
         conversations = []
@@ -236,7 +304,8 @@ def write_train_set(folder: str, num_images: int, seed: int, image_size: int = I
     return atomic_write_text(os.path.join(folder, "train.json"), json.dumps(records, indent=1))
 
 
-def write_caption_set(folder: str, num_images: int, seed: int, image_size: int = IMAGE_SIZE) -> str:
+def write_caption_set(folder: str, num_images: int, seed: int, image_size: int = IMAGE_SIZE,
+                      words: bool = False) -> str:
     """LLaVA stage 1's data for the training scenes of ``write_train_set`` (same seed: the same images,
     which must be drawn already): ``folder/captions.json``, one ``plain``-template sample per scene
     (the image alone, then its ``caption``); returns the JSON path."""
@@ -246,7 +315,7 @@ def write_caption_set(folder: str, num_images: int, seed: int, image_size: int =
     captions = random.Random(f"captions-{seed}")
     records = []
     for i in range(num_images):
-        scene = make_scene(rng.randrange(2**31), image_size)
+        scene = make_scene(rng.randrange(2**31), image_size, words)
         scene_questions(scene, rng)  # the same draws as write_train_set: the same scenes in turn
         name = f"train_{i:05d}.png"
         if not os.path.isfile(os.path.join(folder, "images", name)):
@@ -256,7 +325,8 @@ def write_caption_set(folder: str, num_images: int, seed: int, image_size: int =
     return atomic_write_text(os.path.join(folder, "captions.json"), json.dumps(records, indent=1))
 
 
-def write_eval_set(folder: str, num_images: int, seed: int, image_size: int = IMAGE_SIZE) -> tuple[str, str]:
+def write_eval_set(folder: str, num_images: int, seed: int, image_size: int = IMAGE_SIZE,
+                   words: bool = False) -> tuple[str, str]:
     """Held-out scenes (another seed stream than training): ``folder/images/eval_*.png``, the question
     file ``folder/questions.jsonl`` (one question per scene, the types in turn, so each type has an equal
     share) and the annotations ``folder/annotations.json``; returns (question file, annotation file)."""
@@ -266,9 +336,10 @@ def write_eval_set(folder: str, num_images: int, seed: int, image_size: int = IM
     os.makedirs(images, exist_ok=True)
     rng = random.Random(f"eval-{seed}")
     questions, annotations = [], {}
+    types = question_types(words)
     for i in range(num_images):
-        wanted = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-        scene = make_scene(rng.randrange(2**31), image_size)
+        wanted = types[i % len(types)]
+        scene = make_scene(rng.randrange(2**31), image_size, words)
         kind, question, answer = next(q for q in scene_questions(scene, rng) if q[0] == wanted)
         name = f"eval_{i:05d}.png"
         save_image(scene.image(), os.path.join(images, name))
