@@ -187,3 +187,12 @@ def test_audit_finds_syncs_full_maps_and_one_hot_products():
 
     found = audit_call(lean, tower, num_tokens=5, merge_shape=(3, 7), device="cpu")
     assert (found["full_attention_maps"], found["host_syncs"], found["dense_one_hot_merge"]) == (0, 0, False)
+
+
+def test_resolve_methods_keeps_one_row_per_setting_however_it_is_spelt():
+    # visionzip:64 and visionzip:dominant=54,contextual=10 are one setting: one row, not two labelled alike
+    from llava.bench.cli import resolve_methods
+
+    rows = resolve_methods(["visionzip:64", "visionzip:dominant=54,contextual=10", "official:visionzip:54,10"], anyres=False)
+    labels = [m.label for m in rows]
+    assert labels == ["vanilla", "visionzip 54+10", "official visionzip 54+10"]

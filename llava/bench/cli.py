@@ -94,12 +94,17 @@ def resolve_methods(specs: list[str] | None, anyres: bool) -> list[BenchMethod]:
     at the same budget (the comparison needs it)."""
     methods = [parse_method(s) for s in (specs or default_methods(anyres))]
     ordered = [m for m in methods if m.is_vanilla][:1] or [parse_method("none")]
+
+    def same(a: BenchMethod, b: BenchMethod) -> bool:
+        # the same setting however it is spelt (visionzip:64 = visionzip:dominant=54,contextual=10): one row
+        return a.official == b.official and a.compression.spec() == b.compression.spec()
+
     for method in methods:
         if method.official:
             ours = parse_method(method.ours_spec)
-            if all(m.spec != ours.spec for m in methods + ordered):
+            if not any(same(m, ours) for m in methods + ordered):
                 ordered.append(ours)
-        if not method.is_vanilla and all(m.spec != method.spec for m in ordered):
+        if not method.is_vanilla and not any(same(m, method) for m in ordered):
             ordered.append(method)
     return ordered
 
