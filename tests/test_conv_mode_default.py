@@ -66,7 +66,8 @@ class RecordingProcessor(LlavaProcessor):
 
 
 def test_run_llava_picks_the_template_unless_given(checkpoints, image_file, monkeypatch, capsys):
-    monkeypatch.setattr(run_llava, "LlavaProcessor", RecordingProcessor)
+    # run_llava builds its processor through llava.eval.model_processor.processor_for, which imports it from here
+    monkeypatch.setattr("llava.processor.LlavaProcessor", RecordingProcessor)
     RecordingProcessor.templates = []
     common = ["--image-file", image_file, "--query", "What is this?", "--device", "cpu", "--temperature", "0",
               "--max_new_tokens", "2"]
