@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the whole test suite (sets up .venv and .venv-lmms first if needed). Extra arguments go to pytest.
+# Run the whole test suite (sets up .venv, .venv-lmms and .venv-vllm if needed). Extra arguments go to pytest.
 # The suite runs on TEST_WORKERS pytest-xdist workers (default 2: CI's 2 cores; 0 runs it in this process),
 # one test module per worker at a time (--dist loadfile: a module's fixtures are built once); each worker
 # takes its share of the cores as torch threads (tests/conftest.py). See docs/architecture.md, "Test time".
@@ -7,12 +7,28 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 bash "$ROOT/scripts/setup_env.sh"
-# lmms-eval lives in its own venv (.venv-lmms; its pins clash with .venv); tests/test_lmms_eval_plugin.py
-# runs it. A failed setup does not stop the suite: that test then fails, naming the missing environment.
-bash "$ROOT/scripts/setup_lmms_env.sh" || echo "[test] lmms-eval environment setup failed (see above)" >&2
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 cd "$ROOT"
+# lmms-eval lives in its own venv (.venv-lmms; its pins clash with .venv); tests/test_lmms_eval_plugin.py
+# runs it. A failed setup does not stop the suite: that test then fails, naming the missing environment.
+# With the full suite (no arguments) the environment is set up in the background while the suite runs and the
+# module runs in its own pytest process once it is ready (its log printed at the end); with arguments, first.
+main_args=()
+lmms_dir=""
+if [ $# -eq 0 ]; then
+  lmms_dir="$(mktemp -d)"
+  (
+    bash "$ROOT/scripts/setup_lmms_env.sh" > "$lmms_dir/setup.log" 2>&1 \
+      || echo "[test] lmms-eval environment setup failed (see above)" >> "$lmms_dir/setup.log"
+    OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -p no:cacheprovider --basetemp "$lmms_dir/tmp" \
+      tests/test_lmms_eval_plugin.py > "$lmms_dir/tests.log" 2>&1 || echo tests > "$lmms_dir/failed"
+  ) &
+  lmms_pid=$!
+  main_args=(--ignore tests/test_lmms_eval_plugin.py)
+else
+  bash "$ROOT/scripts/setup_lmms_env.sh" || echo "[test] lmms-eval environment setup failed (see above)" >&2
+fi
 # The vLLM serving tests (tests/serving/: vLLM's CPU engine in .venv-vllm, docs/serving.md) run beside the main
 # suite: their environment is set up in the background (about a minute with uv) and the tests start when it is ready,
 # in one more pytest process. A failed setup fails the run (its log is printed), it is not a skip. They run with
@@ -30,7 +46,14 @@ if [ "$serving" = 1 ]; then
   serving_pid=$!
 fi
 status=0
-"$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@" || status=$?
+"$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "${main_args[@]}" "$@" || status=$?
+if [ -n "$lmms_dir" ]; then
+  wait "$lmms_pid" || true
+  echo "[test] lmms-eval plugin tests (tests/test_lmms_eval_plugin.py, run beside the suite):"
+  cat "$lmms_dir/setup.log" "$lmms_dir/tests.log"
+  [ -f "$lmms_dir/failed" ] && { echo "[test] FAILED: the lmms-eval plugin tests" >&2; status=1; }
+  rm -rf "$lmms_dir"
+fi
 if [ "$serving" = 1 ]; then
   wait "$serving_pid" || true
   if [ "$(cat "$serving_dir/failed" 2>/dev/null)" = setup ]; then
