@@ -64,3 +64,22 @@ def reproduces_recorded_features(official_dir) -> bool:
         hidden = model(record["pixel_values"], output_hidden_states=True).hidden_states[-2]
     keep = record["keep_162_30"].sort(dim=1).values
     return all(torch.equal(hidden[b, keep[b]], record["tokens_162_30"][b, :162]) for b in range(hidden.shape[0]))
+
+
+# The slowest modules first. Under `--dist loadfile` (scripts/test.sh) a worker takes whole modules in
+# collection order, so a slow module collected last (alphabetically: test_toy_*, test_train_*) leaves the other
+# worker idle at the end of the run. Sorting is stable: every other module, and the tests inside each module,
+# keep their order (docs/architecture.md, "Test time").
+SLOW_MODULES_FIRST = (
+    "test_methods_e2e.py",
+    "test_train_deepspeed.py",
+    "test_toy_task.py",
+    "test_compiled.py",
+    "test_bench_e2e.py",
+    "test_eval_e2e.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: index for index, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
