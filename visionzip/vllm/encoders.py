@@ -99,6 +99,20 @@ def _unsupported(settings: CompressionMethod, err: Exception) -> ValueError:
     )
 
 
+def attach_compression(model, settings: CompressionMethod | None, vision_feature_layer) -> None:
+    """Set on a vLLM LLaVA-family model (after its ``__init__``) what its image path needs: ``compression``,
+    ``tower_adapter`` and, with a method, ``feature_layer`` and ``view_tokens`` (the kept tokens per view,
+    the placeholders vLLM reserves); a method that cannot run on vLLM's tower is refused by name."""
+    from ..hf.base import fixed_count, single_layer
+
+    model.compression = settings
+    model.tower_adapter = VllmCLIPEncoderAdapter(model.vision_tower)
+    if settings is not None:
+        model.feature_layer = single_layer(vision_feature_layer, type(model).__name__)
+        check_on_tower(settings, model.tower_adapter, model.feature_layer)
+        model.view_tokens = fixed_count(settings, model.tower_adapter.num_tokens)
+
+
 def check_on_tower(settings: CompressionMethod, adapter: CLIPEncoderAdapter, feature_layer: int) -> None:
     """``settings.check`` on vLLM's tower, a method that cannot run there refused by name."""
     try:

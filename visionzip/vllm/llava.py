@@ -30,9 +30,9 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..config import CompressionConfig
-from ..hf.base import fixed_count, single_layer, vision_settings
+from ..hf.base import fixed_count, vision_settings
 from ..methods import CompressionMethod
-from .encoders import VllmCLIPEncoderAdapter, check_on_tower, encode_on_tower
+from .encoders import attach_compression, encode_on_tower
 
 
 def compression_config(hf_config) -> CompressionConfig:
@@ -103,12 +103,7 @@ class VisionZipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         config = vllm_config.model_config.hf_config
         settings = compression_settings(config)  # before any weight is allocated
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.compression = settings
-        self.tower_adapter = VllmCLIPEncoderAdapter(self.vision_tower)
-        if settings is not None:
-            self.feature_layer = single_layer(config.vision_feature_layer, type(self).__name__)
-            check_on_tower(settings, self.tower_adapter, self.feature_layer)
-            self.image_tokens = fixed_count(settings, self.tower_adapter.num_tokens)
+        attach_compression(self, settings, config.vision_feature_layer)  # one image = one view
 
     def _process_image_pixels(self, inputs) -> torch.Tensor:
         if self.compression is None:
@@ -117,7 +112,7 @@ class VisionZipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.stack(list(pixel_values))
         compressed = encode_on_tower(self.compression, self.tower_adapter, pixel_values, self.feature_layer,
-                                     self.image_tokens)
+                                     self.view_tokens)
         # (B, T, C_vision): the projector maps it to B x (T, hidden), T = get_num_image_tokens
         return compressed.tokens
 

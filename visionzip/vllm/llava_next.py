@@ -28,10 +28,9 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..anyres import official_anyres_layout
-from ..hf.base import fixed_count, single_layer
-from ..methods import CompressedTokens
-from .encoders import VllmCLIPEncoderAdapter, check_on_tower, encode_on_tower
+from ..hf.base import fixed_count
+from ..pipeline import CropGrid, ViewTokens, layout_images
+from .encoders import attach_compression, encode_on_tower
 from .llava import _nest_vision_model, compression_config, compression_settings, tower_tokens
 
 
@@ -77,12 +76,7 @@ class VisionZipLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
         config = vllm_config.model_config.hf_config
         settings = next_settings(config)  # before any weight is allocated
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.compression = settings
-        self.tower_adapter = VllmCLIPEncoderAdapter(self.vision_tower)
-        if settings is not None:
-            self.feature_layer = single_layer(config.vision_feature_layer, type(self).__name__)
-            check_on_tower(settings, self.tower_adapter, self.feature_layer)
-            self.view_tokens = fixed_count(settings, self.tower_adapter.num_tokens)
+        attach_compression(self, settings, config.vision_feature_layer)
 
     def _process_image_input(self, image_input) -> torch.Tensor | list[torch.Tensor]:
         if self.compression is None or isinstance(image_input, LlavaNextImageEmbeddingInputs):
@@ -101,17 +95,11 @@ class VisionZipLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
             counts.append((rows, cols))
         views = torch.cat([image[: 1 + rows * cols] for image, (rows, cols) in zip(pixel_values, counts)])
         compressed = encode_on_tower(self.compression, self.tower_adapter, views, self.feature_layer, self.view_tokens)
-        features = self.multi_modal_projector(compressed.tokens)  # (V, T, hidden)
-        out, start = [], 0
-        for rows, cols in counts:
-            part = slice(start, start + 1 + rows * cols)
-            start = part.stop
-            crops = CompressedTokens(
-                features[part][1:], compressed.keep_indices[part][1:], compressed.has_cls, compressed.cls_kept
-            )
-            grid = official_anyres_layout(crops, rows, cols, self.tower_adapter.patches_per_side)
-            out.append(torch.cat([features[part][0], grid], dim=0))  # ((1 + rows * cols) * T, hidden)
-        return out
+        features = ViewTokens(self.multi_modal_projector(compressed.tokens), compressed)  # (V, T, hidden)
+        # the one layout code (visionzip.pipeline): base view, then the crops in the official VisionZip layout
+        side = self.tower_adapter.patches_per_side
+        grids = [CropGrid(rows, cols, side, tuple(int(v) for v in size)) for size, (rows, cols) in zip(sizes, counts)]
+        return layout_images(features, [1 + rows * cols for rows, cols in counts], "official", grids)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return super().load_weights(_nest_vision_model(weights))
