@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llm_method_cases import ReplayPruner, make_images, splice_batch, spliced_per_version, tiny_models
+from llm_method_cases import (
+    ReplayPruner,
+    make_images,
+    replay_decoding,
+    splice_batch,
+    spliced_per_version,
+    tiny_models,
+)
 
 import visionzip
 from llava.eval.run_llava import main as run_llava_main
@@ -122,28 +129,8 @@ def test_decoding_on_the_pruned_cache_equals_replaying_the_selection_without_cac
     with torch.no_grad():
         cache = llm.pruned_forward(embeds, mask, positions, None, True, both.visual_mask, replay).cache
         assert cache.get_seq_length(2) < cache.get_seq_length(1) == embeds.shape[1]
-        chunk = torch.tensor([tokenizer("Tell me more", add_special_tokens=False).input_ids[:3]] * 3)
-        new_ids = [chunk]
-        step_mask = torch.cat([mask, torch.ones_like(chunk, dtype=torch.bool)], 1)
-        logits = model(input_ids=chunk, attention_mask=step_mask, position_ids=positions[:, -1:] + 1 + torch.arange(3),
-                       cache=cache, use_cache=True).logits
-        cached = [logits[:, -1]]
-        for _ in range(2):
-            token = cached[-1].argmax(-1, keepdim=True)
-            new_ids.append(token)
-            total = sum(t.shape[1] for t in new_ids)
-            cached.append(model(input_ids=token, attention_mask=torch.cat([mask, torch.ones(3, total, dtype=torch.bool)], 1),
-                                position_ids=positions[:, -1:] + total, cache=cache, use_cache=True).logits[:, -1])
-        all_ids = torch.cat(new_ids, dim=1)
-        for step, expected in enumerate(cached):
-            extra = 3 + step
-            replay.extra = extra
-            full = torch.cat([embeds, llm.embed_tokens(all_ids[:, :extra])], dim=1)
-            full_mask = torch.cat([mask, torch.ones(3, extra, dtype=torch.bool)], 1)
-            full_positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(extra)], 1)
-            full_visual = torch.cat([both.visual_mask, torch.zeros(3, extra, dtype=torch.bool)], 1)
-            out = llm.pruned_forward(full, full_mask, full_positions, None, False, full_visual, replay)
-            torch.testing.assert_close(model.lm_head(out.last_hidden_state[:, -1]), expected, atol=1e-4, rtol=0)
+        # a chat-style 3-token chunk (a later turn: never pruned), then 2 greedy steps, each against the replay
+        replay_decoding(model, tokenizer, both, replay, cache, chunk_tokens=3, steps=2)
 
 
 def test_the_question_picks_the_text_pivots(models):

@@ -12,6 +12,7 @@ from llm_method_cases import (
     ReplayPruner,
     make_images,
     prompt_ids,
+    replay_decoding,
     spliced_per_version,
     tiny_models,
 )
@@ -117,29 +118,8 @@ def test_decoding_on_the_pruned_cache_equals_replaying_the_selection_without_cac
         cache = llm.pruned_forward(embeds, mask, positions, None, True, both.visual_mask, replay).cache
         kept = int(replay.recorded[0].sum(dim=1).max())  # the drop before layer 0
         assert [cache.get_seq_length(layer) for layer in range(LAYERS)] == [kept] * LAYERS  # every layer pruned
-        # a chat-style 4-token chunk (a later turn: never pruned), then 2 greedy steps
-        chunk = torch.tensor([tokenizer("Tell me more", add_special_tokens=False).input_ids[:4]] * 3)
-        new_ids = [chunk]
-        logits = model(input_ids=chunk, attention_mask=torch.cat([mask, torch.ones_like(chunk, dtype=torch.bool)], 1),
-                       position_ids=positions[:, -1:] + 1 + torch.arange(chunk.shape[1]), cache=cache,
-                       use_cache=True).logits
-        cached = [logits[:, -1]]
-        for _ in range(2):
-            token = cached[-1].argmax(-1, keepdim=True)
-            new_ids.append(token)
-            total = sum(t.shape[1] for t in new_ids)
-            cached.append(model(input_ids=token, attention_mask=torch.cat([mask, torch.ones(3, total, dtype=torch.bool)], 1),
-                                position_ids=positions[:, -1:] + total, cache=cache, use_cache=True).logits[:, -1])
-        all_ids = torch.cat(new_ids, dim=1)
-        for step, expected in enumerate(cached):
-            extra = chunk.shape[1] + step
-            replay.extra = extra
-            full = torch.cat([embeds, llm.embed_tokens(all_ids[:, :extra])], dim=1)
-            full_mask = torch.cat([mask, torch.ones(3, extra, dtype=torch.bool)], 1)
-            full_positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(extra)], 1)
-            full_visual = torch.cat([both.visual_mask, torch.zeros(3, extra, dtype=torch.bool)], 1)
-            out = llm.pruned_forward(full, full_mask, full_positions, None, False, full_visual, replay)
-            torch.testing.assert_close(model.lm_head(out.last_hidden_state[:, -1]), expected, atol=1e-4, rtol=0)
+        # a chat-style 4-token chunk (a later turn: never pruned), then 2 greedy steps, each against the replay
+        replay_decoding(model, tokenizer, both, replay, cache, chunk_tokens=4, steps=2)
 
 
 def test_generate_from_images_batched_equals_one_by_one(models, spliced):
