@@ -220,23 +220,32 @@ def build_tiny_llava(
     if hidden % 4 or vision_hidden % 4:
         raise ValueError(f"hidden ({hidden}) and vision_hidden ({vision_hidden}) must be multiples of the 4 heads")
     stamp = _stamp(version, seed, sizes, extra_corpus)
+    return write_stamped_build(output_dir, STAMP, stamp, "LLaVA",
+                               lambda staging: _write(staging, version, seed, sizes, extra_corpus))
+
+
+def write_stamped_build(output_dir: str, stamp_name: str, stamp: dict, what: str, write) -> str:
+    """Build a tiny checkpoint folder once, atomically: ``write(staging)`` fills a temporary sibling that is
+    renamed to ``output_dir`` with ``stamp`` in ``stamp_name``. The same stamp already there: nothing is
+    done; another stamp, or a folder this did not write: a ValueError, nothing touched. Returns the folder.
+    Shared by the tiny builders of every family (LLaVA, Mini-Gemini, CogVLM)."""
     output_dir = os.path.abspath(output_dir)
-    stamp_file = os.path.join(output_dir, STAMP)
+    stamp_file = os.path.join(output_dir, stamp_name)
     if os.path.isfile(stamp_file):
         with open(stamp_file, encoding="utf-8") as handle:
             existing = json.load(handle)
         if existing == stamp:
             return output_dir
-        raise ValueError(f"{output_dir} holds another tiny build ({existing}); asked for {stamp}")
+        raise ValueError(f"{output_dir} holds another tiny build ({existing}); asked for a tiny {what} build {stamp}")
     if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise ValueError(f"{output_dir} exists and is not a tiny LLaVA build: refusing to write into it")
+        raise ValueError(f"{output_dir} exists and is not a tiny {what} build: refusing to write into it")
 
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tiny-llava-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=f".tiny-{what.lower()}-", dir=parent)
     try:
-        _write(staging, version, seed, sizes, extra_corpus)
-        with open(os.path.join(staging, STAMP), "w", encoding="utf-8") as handle:
+        write(staging)
+        with open(os.path.join(staging, stamp_name), "w", encoding="utf-8") as handle:
             json.dump(stamp, handle, indent=2)
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)  # empty (checked above)

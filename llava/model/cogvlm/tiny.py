@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from safetensors.torch import save_file
 
+from ..tiny import write_stamped_build
 from .config import CogVLMConfig
 
 STAMP = "tiny_cogvlm_build.json"
@@ -87,30 +86,4 @@ def build_tiny_cogvlm(output_dir: str, seed: int = 0, hidden: int = 32, layers: 
     if image_size % 14:
         raise ValueError(f"image_size must be a multiple of the 14 px patch, got {image_size}")
     stamp = {"format": BUILD_FORMAT, "seed": seed, **sizes}
-    output_dir = os.path.abspath(output_dir)
-    stamp_file = os.path.join(output_dir, STAMP)
-    if os.path.isfile(stamp_file):
-        with open(stamp_file, encoding="utf-8") as handle:
-            existing = json.load(handle)
-        if existing == stamp:
-            return output_dir
-        raise ValueError(f"{output_dir} holds another tiny CogVLM build ({existing}); asked for {stamp}")
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise ValueError(f"{output_dir} exists and is not a tiny CogVLM build: refusing to write into it")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tiny-cogvlm-", dir=parent)
-    try:
-        _write(staging, seed, sizes)
-        with open(os.path.join(staging, STAMP), "w", encoding="utf-8") as handle:
-            json.dump(stamp, handle, indent=2)
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        try:
-            os.replace(staging, output_dir)
-        except OSError:
-            if not os.path.isfile(stamp_file):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output_dir
+    return write_stamped_build(output_dir, STAMP, stamp, "CogVLM", lambda staging: _write(staging, seed, sizes))

@@ -23,13 +23,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..tiny import TOWER_DIR as LLAVA_TOWER_DIR
-from ..tiny import build_tiny_llava
+from ..tiny import build_tiny_llava, write_stamped_build
 from .convnext import ConvNeXtAuxTower, write_openclip_folder
 from .mining import build_mining_projectors
 
@@ -123,32 +122,8 @@ def build_tiny_mgm(
     if image_size_aux % 96 or stem_grid < 1:
         raise ValueError(f"image_size_aux must be a multiple of 96 (its stage-0 map, /4, cut into the 24 x 24 LR grid), got {image_size_aux}")
     stamp = {"format": BUILD_FORMAT, "seed": seed, **sizes}
-    output_dir = os.path.abspath(output_dir)
-    stamp_file = os.path.join(output_dir, STAMP)
-    if os.path.isfile(stamp_file):
-        with open(stamp_file, encoding="utf-8") as handle:
-            existing = json.load(handle)
-        if existing == stamp:
-            return output_dir
-        raise ValueError(f"{output_dir} holds another tiny MGM build ({existing}); asked for {stamp}")
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise ValueError(f"{output_dir} exists and is not a tiny MGM build: refusing to write into it")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tiny-mgm-", dir=parent)
     generator_state = torch.random.get_rng_state()
     try:
-        _write(staging, seed, sizes)
-        with open(os.path.join(staging, STAMP), "w", encoding="utf-8") as handle:
-            json.dump(stamp, handle, indent=2)
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        try:
-            os.replace(staging, output_dir)
-        except OSError:
-            if not os.path.isfile(stamp_file):
-                raise
+        return write_stamped_build(output_dir, STAMP, stamp, "MGM", lambda staging: _write(staging, seed, sizes))
     finally:
         torch.random.set_rng_state(generator_state)
-        shutil.rmtree(staging, ignore_errors=True)
-    return output_dir
