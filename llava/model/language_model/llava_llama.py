@@ -102,13 +102,15 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
     # the tower's weights in a checkpoint are a copy of mm_vision_tower's, which is what gets loaded (as in
     # the original); a trained tower (unfreeze_mm_vision_tower) is built at init and takes them.
     _keys_to_ignore_on_load_unexpected = [r"^model\.vision_tower\."]
+    # the inner model __init__ builds; a family on this stack (Mini-Gemini) names its own
+    inner_model_class = LlavaLlamaModel
 
     # Copied from transformers v5.25.0, models/llama/modeling_llama.py, LlamaForCausalLM.__init__ (our model class)
     @copied_from("transformers.models.llama.modeling_llama.LlamaForCausalLM.__init__", sha="618b27227797b4c6", version="5.25.0")
     def __init__(self, config):
         # skip LlamaForCausalLM.__init__, which would build a plain LlamaModel first
         LlamaPreTrainedModel.__init__(self, config)
-        self.model = LlavaLlamaModel(config)
+        self.model = self.inner_model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()

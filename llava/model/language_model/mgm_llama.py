@@ -28,11 +28,7 @@ import json
 import os
 
 import torch
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
-
-from visionzip.copied import copied_from
 
 from ..llava_arch import ImageFeatures, ProjectedTokens
 from ..mgm.convnext import ConvNeXtAuxTower
@@ -133,15 +129,7 @@ class MGMLlamaForCausalLM(LlavaLlamaForCausalLM):
     # both towers load from their own folders (as in MGM); copies of their weights in a checkpoint are ignored
     # (a trained HR tower, optimize_vision_tower_aux, is read from the checkpoint by load_vision_tower_aux)
     _keys_to_ignore_on_load_unexpected = [r"^model\.vision_tower\.", r"^model\.vision_tower_aux\."]
-
-    # Copied from transformers v5.25.0, models/llama/modeling_llama.py, LlamaForCausalLM.__init__ (our model class)
-    @copied_from("transformers.models.llama.modeling_llama.LlamaForCausalLM.__init__", sha="618b27227797b4c6", version="5.25.0")
-    def __init__(self, config):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = MGMLlamaModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    inner_model_class = MGMLlamaModel
 
     def get_model(self) -> MGMLlamaModel:
         return self.model
