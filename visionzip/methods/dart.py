@@ -56,7 +56,7 @@ from ..copied import copied_from
 from ..eager_llama import apply_rotary_pos_emb, eager_layer
 from ..llm import PruningContext, check_pruner_layers, top_visual
 from .base import CompressionMethod, check_count, register_method
-from .fastv import DEFAULT_VIEW_TOKENS, visual_keep_counts
+from .fastv import DEFAULT_VIEW_TOKENS, OneDropPruner, visual_keep_counts
 
 OFFICIAL_LAYER = 2  # --pruned_layer in every official script
 COSINE_EPS = 1e-8  # F.cosine_similarity's default eps
@@ -106,22 +106,11 @@ def claim_least_similar(
 
 
 @dataclass
-class DARTPruner:
+class DARTPruner(OneDropPruner):
     """The ``LLMTokenPruner`` of DART: one drop, before layer ``layer``, pivots ranked by layer ``layer - 1``'s keys."""
 
-    layer: int
-    tokens: int
     image_pivots: int = 4
     text_pivots: int = 4
-    view_tokens: int | None = DEFAULT_VIEW_TOKENS
-    keep_original_positions: bool = True
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return (self.layer,)
-
-    def score_layer(self, layer: int) -> int:
-        return layer - 1
 
     def select(self, context: PruningContext) -> torch.Tensor:
         if context.keys is None or context.final_norm is None or context.hidden is None:
@@ -226,8 +215,8 @@ class DART(CompressionMethod):
 
     def llm_pruner(self, num_layers: int, view_tokens: int | None = DEFAULT_VIEW_TOKENS) -> DARTPruner:
         self.check_llm(num_layers)
-        return DARTPruner(resolve_layer(self.layer, num_layers), self.tokens, self.image_pivots, self.text_pivots,
-                          view_tokens)
+        return DARTPruner(resolve_layer(self.layer, num_layers), self.tokens, view_tokens,
+                          image_pivots=self.image_pivots, text_pivots=self.text_pivots)
 
     def llm_token_schedule(self, num_layers: int, visual_tokens: int, view_tokens: int | None = None) -> list[int]:
         """Layers < K process all ``visual_tokens``, layers >= K the kept ones (``view_tokens`` None:

@@ -46,8 +46,9 @@ def visual_keep_counts(visual_counts: torch.Tensor, tokens: int, view_tokens: in
 
 
 @dataclass
-class FastVPruner:
-    """The ``LLMTokenPruner`` of FastV: one drop, before layer ``layer``, scored by layer ``layer - 1``."""
+class OneDropPruner:
+    """The fields of an ``LLMTokenPruner`` that drops once, before layer ``layer``, scored by layer
+    ``layer - 1``, keeping ``tokens`` per ``view_tokens`` visual tokens (FastV, DART)."""
 
     layer: int
     tokens: int
@@ -60,6 +61,11 @@ class FastVPruner:
 
     def score_layer(self, layer: int) -> int:
         return layer - 1
+
+
+@dataclass
+class FastVPruner(OneDropPruner):
+    """The ``LLMTokenPruner`` of FastV: the last query's attention, averaged over heads, ranks the visual tokens."""
 
     def select(self, context: PruningContext) -> torch.Tensor:
         rows = context.attention_rows(context.last_query_index())  # (B, H, 1, N)

@@ -93,6 +93,22 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
         )
 
 
+def resolve_tower_setting(key: str, path: str, kwargs: dict) -> None:
+    """A relative tower folder in config setting ``key`` (``mm_vision_tower``, Mini-Gemini's
+    ``mm_vision_tower_aux``) that exists inside or beside the checkpoint folder ``path`` resolves there: in the
+    ``config`` of ``from_pretrained``'s ``kwargs`` when one is given, else as a ``kwargs`` override of the
+    folder's ``config.json`` (a caller's own ``kwargs[key]`` wins)."""
+    config = kwargs.get("config")
+    if isinstance(config, PretrainedConfig):
+        if getattr(config, key, None):
+            setattr(config, key, resolve_vision_tower_path(getattr(config, key), path))
+    elif config is None and os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            tower = json.load(handle).get(key)
+        if tower and key not in kwargs:
+            kwargs[key] = resolve_vision_tower_path(tower, path)
+
+
 class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
     """LLaMA causal LM with LLaVA's image input: ``forward(..., images, image_sizes)`` and
     ``generate(inputs, images=..., image_sizes=...)``; visual tokens compressed per ``config.visual_compression``.
@@ -129,15 +145,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         beside the checkpoint folder resolves there, and the tower's weights are loaded from it
         (``load_vision_tower=False`` leaves that to the caller, as the original's ``delay_load`` did)."""
         path = str(pretrained_model_name_or_path)
-        config = kwargs.get("config")
-        if isinstance(config, PretrainedConfig):
-            if getattr(config, "mm_vision_tower", None):
-                config.mm_vision_tower = resolve_vision_tower_path(config.mm_vision_tower, path)
-        elif config is None and os.path.isfile(os.path.join(path, "config.json")):
-            with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
-                tower = json.load(handle).get("mm_vision_tower")
-            if tower and "mm_vision_tower" not in kwargs:
-                kwargs["mm_vision_tower"] = resolve_vision_tower_path(tower, path)
+        resolve_tower_setting("mm_vision_tower", path, kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if load_vision_tower:

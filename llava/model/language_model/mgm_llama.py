@@ -28,15 +28,14 @@ import json
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..llava_arch import ImageFeatures, ProjectedTokens
 from ..mgm.convnext import ConvNeXtAuxTower
 from ..mgm.images import MGMImages, hr_image_processor, lr_from_hr
 from ..mgm.mining import build_mining_projectors, mine_patches, mining_patches
-from ..multimodal_encoder.builder import resolve_vision_tower_path
 from ..multimodal_encoder.vision_tower import CLIPVisionTower
-from .llava_llama import LlavaConfig, LlavaLlamaForCausalLM, LlavaLlamaModel
+from .llava_llama import LlavaConfig, LlavaLlamaForCausalLM, LlavaLlamaModel, resolve_tower_setting
 
 MINING_PROJECTORS = ("vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector")
 DEFAULT_IMAGE_SIZE_AUX = 320  # MGM's default when a config has no image_size_aux (initialize_uni_modules)
@@ -143,15 +142,7 @@ class MGMLlamaForCausalLM(LlavaLlamaForCausalLM):
         checkpoint folder as ``mm_vision_tower`` does, the HR tower is loaded with the CLIP tower, and a
         checkpoint without the mining projectors' weights is refused (MGM would run them untrained)."""
         path = str(pretrained_model_name_or_path)
-        config = kwargs.get("config")
-        if isinstance(config, PretrainedConfig):
-            if getattr(config, "mm_vision_tower_aux", None):
-                config.mm_vision_tower_aux = resolve_vision_tower_path(config.mm_vision_tower_aux, path)
-        elif config is None and os.path.isfile(os.path.join(path, "config.json")):
-            with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
-                aux = json.load(handle).get("mm_vision_tower_aux")
-            if aux and "mm_vision_tower_aux" not in kwargs:
-                kwargs["mm_vision_tower_aux"] = resolve_vision_tower_path(aux, path)
+        resolve_tower_setting("mm_vision_tower_aux", path, kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, load_vision_tower=load_vision_tower, output_loading_info=True, **kwargs
