@@ -24,7 +24,8 @@ def test_plugin_entry_point_and_lazy_registration():
     probe = "import sys, visionzip, visionzip.vllm as p; print(sorted(p.ARCHITECTURES)); print('vllm' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == [f"['{ARCHITECTURE}',", f"'{NEXT_ARCHITECTURE}']", "False"]
+    assert done.stdout.split() == [f"['{ARCHITECTURE}',", f"'{NEXT_ARCHITECTURE}',",
+                                   "'VisionZipQwen2_5_VLForConditionalGeneration']", "False"]
 
 
 def test_serve_wrapper_builds_the_documented_command_and_refuses_bad_specs():

@@ -1,12 +1,12 @@
-"""Serve a llava-hf LLaVA-1.5 / LLaVA-NeXT checkpoint with vLLM (OpenAI-compatible API) and visual-token compression.
+"""Serve a llava-hf LLaVA-1.5 / LLaVA-NeXT or a Qwen2.5-VL checkpoint with vLLM (OpenAI API) and visual-token compression.
 
     python -m llava.serve.vllm --model PATH --compression visionzip:64 [vllm serve arguments]
 
 A thin wrapper over ``vllm serve`` (run it in the vLLM environment, scripts/setup_vllm_env.sh): it checks the
 spec before vLLM starts (a ValueError naming it: unknown method, bad settings, a method acting inside the
 LLM) and starts vLLM's OpenAI server with ``--hf-overrides '{"architectures":
-["VisionZipLlavaForConditionalGeneration"], "visual_compression": SPEC}' [arguments]`` (the NeXT architecture
-for a LLaVA-NeXT checkpoint, read from its config.json), the plugin's
+["VisionZipLlavaForConditionalGeneration"], "visual_compression": SPEC}' [arguments]`` (the NeXT or Qwen2.5-VL
+architecture for such a checkpoint, read from its config.json), the plugin's
 documented form (docs/serving.md; ``vllm serve PATH --hf-overrides ...`` is the same with vLLM's CLI). Every other
 argument goes to vLLM unchanged (``--port``, ``--max-model-len``, ``--tensor-parallel-size``, ...); keys of
 an ``--hf-overrides`` given as well are kept. ``--compression none`` serves the model uncompressed (vLLM's
@@ -28,6 +28,7 @@ ARCHITECTURE = "VisionZipLlavaForConditionalGeneration"
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": ARCHITECTURE,
     "LlavaNextForConditionalGeneration": "VisionZipLlavaNextForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "VisionZipQwen2_5_VLForConditionalGeneration",
 }
 
 
@@ -45,8 +46,8 @@ def plugin_architecture(model: str) -> str:
         if name in ARCHITECTURES.values():  # a checkpoint saved with the plugin's architecture
             return name
     raise ValueError(
-        f"--model {model!r}: its config.json names {architectures}; the vLLM plugin serves llava-hf "
-        f"{sorted(ARCHITECTURES)} checkpoints (llava.convert to-hf makes one from an original LLaVA)"
+        f"--model {model!r}: its config.json names {architectures}; the vLLM plugin serves "
+        f"{sorted(ARCHITECTURES)} checkpoints (llava.convert to-hf makes a llava-hf one from an original LLaVA)"
     )
 
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--model", required=True, help="a llava-hf checkpoint folder (llava.convert to-hf makes one)")
+    parser.add_argument("--model", required=True, help="a llava-hf LLaVA or a Qwen2.5-VL checkpoint folder")
     parser.add_argument("--compression", required=True,
                         help="METHOD:TOKENS or METHOD:key=value,... of a vision-side method with a fixed budget; none")
     parser.add_argument("--hf-overrides", default=None, help="further config overrides (JSON), merged")

@@ -213,7 +213,11 @@ class Qwen2_5_VLUnits(VisionEncoderAdapter):
         heads, n, dim = self.keys.shape
         unit_keys = self.keys.reshape(heads, n // self.merge**2, self.merge**2, dim).mean(dim=2)[:, self.unit_order]
         q = self.queries if query_rows is None else self.queries[:, query_rows]
-        return q[None], unit_keys[None], float(self.layers[layer_index].attn.scaling)
+        return q[None], unit_keys[None], self.attention_scale(layer_index)
+
+    def attention_scale(self, layer_index: int) -> float:
+        """The softmax scale of block ``layer_index``'s attention (transformers' module names)."""
+        return float(self.layers[layer_index].attn.scaling)
 
     def received_attention(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         """(1, U) per unit, raster order: the attention its patches receive in the last block (softmax over
@@ -263,6 +267,24 @@ def spread_positions(count: int, total: int, device=None) -> torch.Tensor:
     return (torch.arange(count, device=device) * 2 + 1) * total // (2 * count)
 
 
+def compress_units(settings, views: list[Qwen2_5_VLUnits]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The method's ``compress`` on each image's merged tokens: per image the kept tokens (K_i, hidden) and
+    their raster indices (K_i,), ascending (module docstring: every output token has one raster index).
+    Shared with the vLLM plugin (``visionzip.vllm.qwen2_5_vl``), whose views are built from vLLM's tower."""
+    tokens, kept = [], []
+    for view in views:
+        compressed = settings.compress(view, EncoderCapture(view.features[None], None, view.num_layers - 1))
+        places = compressed.keep_indices[0]
+        if compressed.num_merged:
+            merged = compressed.merged_indices
+            merged = spread_positions(compressed.num_merged, view.num_tokens, places.device) if merged is None else merged[0]
+            places = torch.cat([places, merged.to(places.device)])
+        order = torch.sort(places, stable=True)
+        tokens.append(compressed.tokens[0][order.indices])
+        kept.append(order.values)
+    return tokens, kept
+
+
 def image_features(model, config, pixel_values, image_grid_thw=None, **kwargs) -> Qwen2_5_VLCompressedOutput:
     """Compressed ``get_image_features``: pixel_values (sum of t*h*w patches, C*T*P*P), image_grid_thw
     (num_images, 3) -> ``Qwen2_5_VLCompressedOutput``. All images go through the tower in one pass; the
@@ -293,17 +315,7 @@ def image_features(model, config, pixel_values, image_grid_thw=None, **kwargs) -
     views = Qwen2_5_VLUnits.from_pass(
         visual, image_grid_thw, encoded.pooler_output, q, k, captured["cu_seqlens"], window_index
     )
-    tokens, kept, last = [], [], len(visual.blocks) - 1
-    for view in views:
-        compressed = settings.compress(view, EncoderCapture(view.features[None], None, last))
-        places = compressed.keep_indices[0]
-        if compressed.num_merged:
-            merged = compressed.merged_indices
-            merged = spread_positions(compressed.num_merged, view.num_tokens, places.device) if merged is None else merged[0]
-            places = torch.cat([places, merged.to(places.device)])
-        order = torch.sort(places, stable=True)
-        tokens.append(compressed.tokens[0][order.indices])
-        kept.append(order.values)
+    tokens, kept = compress_units(settings, views)
     return Qwen2_5_VLCompressedOutput(
         last_hidden_state=encoded.last_hidden_state, pooler_output=tuple(tokens), keep_indices=tuple(kept),
         image_grid_thw=torch.as_tensor(image_grid_thw), image_tokens=tuple(tokens),

@@ -10,7 +10,9 @@ imports ``visionzip.vllm.llava`` when a model selects the architecture:
 
 ``visual_compression`` is the key ``visionzip.apply_compression`` persists in a Hugging Face
 ``config.json``: a checkpoint saved compressed needs only the ``architectures`` override. LLaVA-NeXT checkpoints
-select ``VisionZipLlavaNextForConditionalGeneration`` (``visionzip.vllm.llava_next``: the budget per view).
+select ``VisionZipLlavaNextForConditionalGeneration`` (``visionzip.vllm.llava_next``: the budget per view),
+Qwen2.5-VL checkpoints ``VisionZipQwen2_5_VLForConditionalGeneration`` (``visionzip.vllm.qwen2_5_vl``: the budget
+per image, the kept tokens at their original M-RoPE positions).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ ARCHITECTURES = {
     "VisionZipLlavaForConditionalGeneration": "visionzip.vllm.llava:VisionZipLlavaForConditionalGeneration",
     "VisionZipLlavaNextForConditionalGeneration":
         "visionzip.vllm.llava_next:VisionZipLlavaNextForConditionalGeneration",
+    "VisionZipQwen2_5_VLForConditionalGeneration":
+        "visionzip.vllm.qwen2_5_vl:VisionZipQwen2_5_VLForConditionalGeneration",
 }
 
 

@@ -13,6 +13,12 @@ the tower runs up to the scored layer with vLLM's attention, and the scores come
 (``queries_keys``), never from an attention map of the tower. ``encode_on_tower`` / ``check_on_tower`` run a
 method's ``encode`` / ``check`` there for the plugin's model classes. Pure torch: nothing here imports vLLM
 except the tensor-parallel gather, which runs only where the tower's heads are split across ranks.
+
+Qwen2.5-VL (``qwen_tower_pass``): vLLM's ``Qwen2_5_VisionTransformer`` runs all images of an encoder batch as
+one window-ordered sequence into the 2 x 2 merger, as transformers' does; the last block's q and k (after
+RoPE) are taken from the output of that block's rotary embedding (a forward hook: the tensors its attention
+uses), and each image becomes the transformers path's merged-token view (``hf.qwen2_5_vl.Qwen2_5_VLUnits``,
+here ``VllmQwen2_5_VLUnits``), which the methods' ``compress`` takes.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ import dataclasses
 import torch
 
 from ..encoders import CLIPEncoderAdapter, EncoderCapture
+from ..hf.base import fixed_count
+from ..hf.qwen2_5_vl import Qwen2_5_VLUnits
 from ..methods import CompressedTokens, CompressionMethod
 
 
@@ -103,7 +111,7 @@ def attach_compression(model, settings: CompressionMethod | None, vision_feature
     """Set on a vLLM LLaVA-family model (after its ``__init__``) what its image path needs: ``compression``,
     ``tower_adapter`` and, with a method, ``feature_layer`` and ``view_tokens`` (the kept tokens per view,
     the placeholders vLLM reserves); a method that cannot run on vLLM's tower is refused by name."""
-    from ..hf.base import fixed_count, single_layer
+    from ..hf.base import single_layer
 
     model.compression = settings
     model.tower_adapter = VllmCLIPEncoderAdapter(model.vision_tower)
@@ -139,3 +147,89 @@ def encode_on_tower(settings: CompressionMethod, adapter: CLIPEncoderAdapter, pi
     # [VisionZip-LLaVA] some methods return a strided view (pooling: a transposed pooled grid); vLLM's CPU
     # linear kernels (oneDNN, in its worker processes) require a unit stride on the last dimension
     return dataclasses.replace(compressed, tokens=compressed.tokens.contiguous())
+
+
+# ----- Qwen2.5-VL: vLLM's Qwen2_5_VisionTransformer -------------------------------------------------------
+class VllmQwen2_5_VisionTower:
+    """What ``Qwen2_5_VLUnits`` reads of a Qwen2.5-VL tower (``blocks``, ``spatial_merge_size``, ``config``) for
+    vLLM's ``Qwen2_5_VisionTransformer``, which keeps no config object: its blocks with the model's vision
+    config. Without blocks (vLLM's processor, which holds no tower) it is the geometry a method's ``check``
+    needs: the block count and the merge size."""
+
+    def __init__(self, vision_config, blocks=None):
+        self.config = vision_config
+        self.spatial_merge_size = int(vision_config.spatial_merge_size)
+        self.blocks = list(blocks) if blocks is not None else [None] * int(vision_config.depth)
+
+
+class VllmQwen2_5_VLUnits(Qwen2_5_VLUnits):
+    """``Qwen2_5_VLUnits`` (one image's merged tokens, scored with the last block's q and k) over vLLM's tower:
+    its attention's softmax scale is ``head_dim ** -0.5`` (what it hands its ``MMEncoderAttention``)."""
+
+    def attention_scale(self, layer_index: int) -> float:
+        return float(self.layers[layer_index].attn.hidden_size_per_attention_head) ** -0.5
+
+
+def qwen_units(vision_config, grid_thw, image: int = 0):
+    """One image's merged-token view from its grid alone (geometry: the methods' ``check`` and counts)."""
+    return VllmQwen2_5_VLUnits(VllmQwen2_5_VisionTower(vision_config), grid_thw, image)
+
+
+def qwen_check_image(settings: CompressionMethod, vision_config, grid_thw, image: int = 0) -> int:
+    """``settings.check`` on one image's merged tokens (a ValueError naming the image, its size and the
+    spec); returns its placeholder count, the same as the transformers path's (``hf.qwen2_5_vl.check_images``)."""
+    view = qwen_units(vision_config, grid_thw, image)
+    try:
+        settings.check(view, -1)
+        return fixed_count(settings, view.num_tokens)
+    except ValueError as err:
+        raise ValueError(
+            f"visual_compression={settings.spec()!r}: image {image} ({view.unit_rows} x {view.unit_cols} = "
+            f"{view.num_tokens} merged tokens): {err}"
+        ) from err
+
+
+def _attended_bounds(visual, grid_thw: list[list[int]], full: bool) -> torch.Tensor:
+    """The sequences the last block attends, in patches (window order), for the images of one pass: each frame
+    of each image (full attention) or each window (``get_window_index_thw``). Computed from the grid, not
+    taken from vLLM's attention metadata: some attention backends rescale those offsets."""
+    bounds, offset = [0], 0
+    for t, h, w in grid_thw:
+        if full:
+            bounds += [offset + h * w * (frame + 1) for frame in range(t)]
+        else:
+            _, window_bounds = visual.get_window_index_thw(t, h, w)
+            bounds += (window_bounds.to(torch.long) + offset).tolist()
+        offset += t * h * w
+    return torch.tensor(sorted(set(bounds)))
+
+
+def qwen_tower_pass(visual, vision_config, pixel_values: torch.Tensor, grid_thw: list[list[int]]) -> list:
+    """vLLM's Qwen2.5-VL tower on the images of one encoder batch, with the last block's q and k (after RoPE)
+    captured where that block computes them (a forward hook on its rotary embedding, whose output is the q and
+    k its attention uses): one ``VllmQwen2_5_VLUnits`` per image, as ``hf.qwen2_5_vl.image_features`` builds
+    them from transformers' tower."""
+    metadata = visual.prepare_encoder_metadata(grid_thw)
+    last = len(visual.blocks) - 1
+    attn = visual.blocks[last].attn
+    captured: dict = {}
+
+    def grab(module, args, output):
+        captured["qk"] = output  # (2 * batch, patches, heads, head_dim): q then k (batch = 1)
+
+    handle = attn.apply_rotary_emb.register_forward_hook(grab)
+    try:
+        features = visual(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata)
+    finally:
+        handle.remove()
+    q, k = (part.transpose(0, 1) for part in captured["qk"])  # (heads, patches, head_dim), window order
+    if getattr(attn, "tp_size", 1) > 1:
+        # [VisionZip-LLaVA] under tensor parallelism each rank holds its heads; the scores average over all
+        # heads, so gather them (rank order = head order). Not run on CPU here.
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        q = tensor_model_parallel_all_gather(q.contiguous(), dim=0)
+        k = tensor_model_parallel_all_gather(k.contiguous(), dim=0)
+    bounds = _attended_bounds(visual, grid_thw, last in visual.fullatt_block_indexes)
+    tower = VllmQwen2_5_VisionTower(vision_config, visual.blocks)
+    return VllmQwen2_5_VLUnits.from_pass(tower, grid_thw, features, q, k, bounds, metadata["window_index"])
