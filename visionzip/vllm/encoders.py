@@ -86,7 +86,8 @@ class VllmCLIPEncoderAdapter(CLIPEncoderAdapter):
         q, k, _ = qkv.chunk(3, dim=-1)
         if getattr(attn, "tp_size", 1) > 1:
             # [VisionZip-LLaVA] under tensor parallelism each rank holds its heads' q and k; the scores
-            # average over all heads, so gather them (rank order = head order). Not run on CPU here.
+            # average over all heads, so gather them (rank order = head order). Run on the CPU backend with 2
+            # ranks: scripts/check_vllm_tensor_parallel.py, docs/serving.md "Tensor parallelism".
             from vllm.distributed import tensor_model_parallel_all_gather
 
             q = tensor_model_parallel_all_gather(q.contiguous(), dim=-1)
