@@ -239,6 +239,32 @@ def test_accuracy_table_has_a_row_for_every_registered_method(evaluator):
     assert [float(c) for c in visionzip_row] == [round(table["visionzip"][16].by_type[t], 1) for t in types]
 
 
+def test_held_out_images_become_pixels_once_and_a_towers_figure_data(small_toy, evaluator):
+    """The evaluator turns each held-out image into pixels once for all settings: the plain processor's
+    pixels, in any order, and not recomputed. A tower's figure data (computed in its own process by the
+    main job): [CLS] concentration per tower layer, the patches each pictured method keeps."""
+    import torch
+
+    from llava.processor import LlavaProcessor
+    from llava.toy.study import PICTURED_METHODS, tower_figures
+
+    processor = evaluator.answerer.processor
+    plain = LlavaProcessor(processor.tokenizer, processor.image_processor, processor.model_config)
+    images = [item.load_image() for item in evaluator.items[:3]]
+    assert torch.equal(processor.image_pixels(images[::-1]), plain.image_pixels(images[::-1]))
+    first = {id(image): processor.done[id(image)][1] for image in images}
+    assert torch.equal(processor.image_pixels(images), plain.image_pixels(images))
+    assert all(processor.done[id(image)][1] is first[id(image)] for image in images)  # kept, not redone
+    figures = tower_figures(evaluator, small_toy, focus=16)
+    assert len(figures["shares"]) == SMALL.vision_layers and figures["patches_per_side"] == 8
+    pictured = [m for m in PICTURED_METHODS if m in registered_methods()]
+    assert figures["pictured"] == pictured and [t.split(":")[0] for t, _, _ in figures["panels"]] == pictured
+    for title, kept, merged in figures["panels"]:
+        # (downsample keeps no patch as it is: its 16 tokens are merged ones)
+        assert len(kept) + len(merged) > 0 and len(set(kept)) == len(kept) <= 16, title
+        assert all(0 <= p < 64 for p in kept + merged), title
+
+
 def test_projector_tuning_refuses_no_compression(small_toy):
     with pytest.raises(ValueError, match="needs a compression spec"):
         tune_projector(small_toy, "none", steps=1)

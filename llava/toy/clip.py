@@ -24,6 +24,7 @@ batch's equal captions), since a small caption vocabulary repeats within a batch
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .task import COLOURS, HALVES, TEXT_WORDS, Scene, caption, make_scene
+from .task import COLOURS, HALVES, TEXT_WORDS, Scene, caption, make_scene, scene_pixels
 
 CAPTION_WORDS = ("<end>", "a", "one", "two", "three", *COLOURS, "square", "squares", "circle", "circles", "and",
                  "in", "the", *HALVES, "half", "shape", "shapes")
@@ -55,8 +56,12 @@ def caption_ids(text: str, length: int = 20, vocabulary: tuple = CAPTION_WORDS) 
 def pixel_batch(scenes: list[Scene]) -> torch.Tensor:
     """(B, 3, S, S) CLIP-normalised pixels of the scenes (what ``CLIPImageProcessor`` gives for an image
     of the tower's size: no resize or crop)."""
-    arrays = np.stack([np.asarray(scene.image(), dtype=np.float32) / 255.0 for scene in scenes])
-    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+    return normalised_pixels(scene_pixels(scenes))
+
+
+def normalised_pixels(arrays: np.ndarray) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) CLIP-normalised float32 (``pixel_batch``'s second half)."""
+    pixels = torch.from_numpy(arrays.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (pixels - mean) / std
@@ -110,6 +115,22 @@ def _contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tens
     return (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.t(), target)) / 2
 
 
+def drawn_ahead(chunks: list[list[Scene]], ahead: int = 2):
+    """The pixels (``scene_pixels``) of each chunk of scenes, in order, drawn by a worker process up to
+    ``ahead`` chunks ahead of the caller: drawing was about half of a pre-training step (2560 scenes), and
+    this way it runs beside the step instead of before it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = [pool.submit(scene_pixels, chunk) for chunk in chunks[:ahead]]
+        for index in range(len(chunks)):
+            arrays = pending.pop(0).result()
+            if index + ahead < len(chunks):
+                pending.append(pool.submit(scene_pixels, chunks[index + ahead]))
+            yield arrays
+
+
 def _scenes(seed_stream: str, count: int, image_size: int, words: bool = False) -> tuple[list[Scene], list[str]]:
     rng = random.Random(seed_stream)
     scenes = [make_scene(rng.randrange(2**31), image_size, words) for _ in range(count)]
@@ -140,22 +161,24 @@ def train_clip_tower(tower, settings: ClipSettings, seed: int, printer=print, ev
     tower.train()
     losses = []
     start = time.perf_counter()
-    for step in range(settings.steps):
-        chunk = slice(step * settings.batch_size, (step + 1) * settings.batch_size)
-        pixels = pixel_batch(scenes[chunk])
-        ids = torch.tensor([caption_ids(c, vocabulary=vocabulary) for c in captions[chunk]])
-        same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()
-        image = image_projection(tower(pixel_values=pixels).pooler_output)
-        loss = _contrastive_loss(image, text_projection(text_encoder(ids)), scale, same)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimiser.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % every == 0 or step + 1 == settings.steps:
-            printer(f"  contrastive tower: step {step + 1}/{settings.steps}, loss {losses[-1]:.3f} "
-                    f"[{time.perf_counter() - start:.0f} s]", flush=True)
+    chunks = [slice(step * settings.batch_size, (step + 1) * settings.batch_size) for step in range(settings.steps)]
+    # closed (the worker stopped) as soon as the loop ends, by an error too
+    with contextlib.closing(drawn_ahead([scenes[chunk] for chunk in chunks])) as batches:
+        for step, chunk in enumerate(chunks):
+            pixels = normalised_pixels(next(batches))
+            ids = torch.tensor([caption_ids(c, vocabulary=vocabulary) for c in captions[chunk]])
+            same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()
+            image = image_projection(tower(pixel_values=pixels).pooler_output)
+            loss = _contrastive_loss(image, text_projection(text_encoder(ids)), scale, same)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimiser.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            if (step + 1) % every == 0 or step + 1 == settings.steps:
+                printer(f"  contrastive tower: step {step + 1}/{settings.steps}, loss {losses[-1]:.3f} "
+                        f"[{time.perf_counter() - start:.0f} s]", flush=True)
     tower.eval()
     retrieval, chance = caption_retrieval(tower, text_encoder, image_projection, text_projection, seed, image_size,
                                           words=settings.words)

@@ -171,6 +171,9 @@ def train_argv(model_dir: str, data_path: str, image_folder: str, output_dir: st
         "--dataloader_num_workers", "0",
         "--model_max_length", "2048",
         "--overwrite_output_dir", "True",
+        # the scenes are drawn by this code and written atomically (llava.toy.task.save_image): decoding all
+        # 1280 images before each of the three runs (stage 1, stage 2, VisionZip‡) took about 6 s of CPU each
+        "--check_image_decode", "no",
         *extra,
     ]
 
@@ -287,6 +290,8 @@ def install_tower(base: Path, tower, target: Path) -> Path:
 def _contrastive_tower(base: Path, folder: Path, settings: ToySettings, printer) -> tuple[Path, dict]:
     """Train the base's random tower contrastively (``llava.toy.clip``) and install it into
     ``folder/base-clip``; returns that checkpoint and the training record (cached)."""
+    import time
+
     from transformers import CLIPVisionModel
 
     from llava.model.tiny import TOWER_DIR
@@ -302,14 +307,16 @@ def _contrastive_tower(base: Path, folder: Path, settings: ToySettings, printer)
                         learning_rate=settings.clip_learning_rate, words=settings.text_question)
     printer(f"toy tower: contrastive image-text pre-training of the {settings.vision_layers}-layer tower "
             f"({clip.steps} steps of {clip.batch_size} captioned scenes, InfoNCE)", flush=True)
+    cpu = time.process_time()
     training = train_clip_tower(tower, clip, settings.seed, printer=printer, every=max(1, clip.steps // 5))
+    cpu = time.process_time() - cpu  # this process's: the drawing worker's CPU is its own
     printer(f"  caption retrieval on 64 held-out scenes: {training.retrieval:.1f} % (chance {training.chance:.1f} %)",
             flush=True)
     if target.exists():
         shutil.rmtree(target)  # an unfinished install of this run's own key (no record yet)
     install_tower(base, tower, target)
-    record = {"seconds": training.seconds, "losses": training.losses, "retrieval": training.retrieval,
-              "chance": training.chance}
+    record = {"seconds": training.seconds, "cpu_seconds": cpu, "losses": training.losses,
+              "retrieval": training.retrieval, "chance": training.chance}
     atomic_write_text(record_file, json.dumps(record, indent=1))
     return target, record
 
@@ -419,20 +426,21 @@ def _train_toy(settings: ToySettings, folder: Path, data: Path, held_out: Path, 
         stage1 = folder / "stage1"
         printer(f"LLaVA stage 1: the projector alone on captions ({settings.stage1_steps} steps; {tower_words} "
                 f"tower and LLM frozen) through llava.train.train", flush=True)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         stage1_settings = dataclasses.replace(settings, learning_rate=settings.stage1_learning_rate,
                                               projector_learning_rate=settings.stage1_learning_rate, warmup_ratio=0.0)
         result, _summary = run_training(
             train_argv(str(base), captions_json, str(data / "images"), str(stage1), stage1_settings,
                        "--version", "plain", "--tune_mm_mlp_adapter", "True", "--max_steps", str(settings.stage1_steps)),
             "stage 1", every=max(1, settings.stage1_steps // 4), printer=printer)
-        record["stage1"] = {"seconds": time.perf_counter() - start, "losses": result.losses}
+        record["stage1"] = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                            "losses": result.losses}
         extra = ["--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.bin")]
     steps = total_steps(settings)
     printer(f"LLaVA stage 2: the LLM and projector ({settings.layers} layers, hidden {settings.hidden}; "
             f"{settings.vision_layers}-layer {tower_words} tower frozen) for {steps} steps through llava.train.train",
             flush=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result, summary = run_training(
         train_argv(str(base), train_json, str(data / "images"), str(checkpoint), settings, *extra),
         "stage 2", every=max(1, steps // 10), printer=printer,
@@ -441,7 +449,8 @@ def _train_toy(settings: ToySettings, folder: Path, data: Path, held_out: Path, 
         printer(line)
     seconds = time.perf_counter() - start
     _copy_tower(base, checkpoint)
-    record.update({"train_seconds": seconds, "losses": result.losses, "steps": result.global_step})
+    record.update({"train_seconds": seconds, "train_cpu_seconds": time.process_time() - cpu, "losses": result.losses,
+                   "steps": result.global_step})
     atomic_write_text(done, json.dumps(record, indent=1))
     return ToyModel(folder, checkpoint, *eval_paths, seconds, result.losses, settings, cached=False, record=record,
                     data_folder=data)

@@ -22,8 +22,11 @@ the same LLaVA on a random tower.
    the forward): tables per tower and per question type, and ``accuracy_vs_tokens.png``.
 4. The kept tokens of VisionZip, VisPruner, random and downsample (where registered) on one held-out image,
    per tower (``kept_tokens.png``).
-5. Answering time per question at 64 tokens on the trained tower: medians over interleaved repeats after
-   a warm-up, with the range.
+5. Answering time per question at 64 tokens: medians over interleaved repeats after a warm-up, with the
+   range, measured in the random tower's process (it finishes first: no contrastive pre-training).
+
+Steps 2 and 4 take their data from the towers' processes too (``tower_figures``); the main process only
+draws the tables and figures once both are done.
 
 Answers are kept under ``<output-dir>/answers/<toy model>-<held-out set>-code<hash>-weights<hash>/`` and
 reused by later runs of the same code on the same weights (the code hash covers the methods, the model and
@@ -339,14 +342,20 @@ def describe_training(toy) -> str:
     lines = [f"  model {toy.model_path} (trained now)"]
     if "clip" in record:
         clip = record["clip"]
-        lines.append(f"  tower: {len(clip['losses'])} contrastive steps in {clip['seconds']:.0f} s, loss "
+        lines.append(f"  tower: {len(clip['losses'])} contrastive steps in {clip['seconds']:.0f} s{_cpu(clip)}, loss "
                      f"{loss_span(clip['losses'])}; caption retrieval {clip['retrieval']:.1f} % (chance {clip['chance']:.1f} %)")
     if "stage1" in record:
-        lines.append(f"  stage 1: {len(record['stage1']['losses'])} steps in {record['stage1']['seconds']:.0f} s, "
+        lines.append(f"  stage 1: {len(record['stage1']['losses'])} steps in {record['stage1']['seconds']:.0f} s"
+                     f"{_cpu(record['stage1'])}, "
                      f"loss {loss_span(record['stage1']['losses'])}")
     lines.append(f"  stage 2: {s.train_images} scenes x {s.epochs} epochs, batch {s.batch_size}, in "
-                 f"{toy.train_seconds:.0f} s, loss {loss_span(toy.train_losses)}")
+                 f"{toy.train_seconds:.0f} s{_cpu(record, 'train_cpu_seconds')}, loss {loss_span(toy.train_losses)}")
     return "\n".join(lines)
+
+
+def _cpu(record: dict, key: str = "cpu_seconds") -> str:
+    """" (N s of CPU)" where the record has it (records of older runs do not)."""
+    return f" ({record[key]:.0f} s of CPU)" if key in record else ""
 
 
 TOWER_TAGS = {"clip": "[trained tower]", "random": "[random tower]"}
@@ -377,7 +386,15 @@ def tower_job(tower: str, options: dict) -> dict:
         say(tag, *parts, **kwargs)
 
     output, focus = Path(options["output"]), options["focus"]
+    phases, mark = {}, [time.perf_counter(), time.process_time()]
+
+    def phase(name: str) -> None:  # the wall and CPU seconds since the last phase ended
+        now = [time.perf_counter(), time.process_time()]
+        phases[name] = (now[0] - mark[0], now[1] - mark[1])
+        mark[:] = now
+
     toy = prepare_toy(settings, cache_root=options["cache_dir"], printer=printer)
+    phase("models")
     for line in describe_training(toy).splitlines():
         printer(line)
     answers_dir = answers_folder(output, toy)
@@ -392,7 +409,7 @@ def tower_job(tower: str, options: dict) -> dict:
     printer(f"answering {len(evaluator.items)} held-out questions: vanilla and {len(methods)} methods at "
             f"{', '.join(map(str, options['budgets']))} tokens")
     vanilla, table, reasons = accuracy_rows(evaluator, methods, options["budgets"], printer=printer)
-    del evaluator
+    phase("answers")
     extra_rows, extra_scores, dagger = [], [], None
     if options["tune_steps"]:
         tuning = tune_projector(toy, f"visionzip:{focus}", steps=options["tune_steps"], printer=printer)
@@ -404,9 +421,49 @@ def tower_job(tower: str, options: dict) -> dict:
                 f"({'reused' if tuning.cached else f'{tuning.seconds:.0f} s'}), loss {loss_span(tuning.losses)}")
         extra_rows.append((f"visionzip‡ (projector tuned at {focus})", {focus: f"{score.accuracy:.1f}"}))
         extra_scores.append(("visionzip‡", score))
+        phase("VisionZip‡")
+    # this tower's share of the figures and the timings, here rather than after both towers finish: that
+    # tail ran on one core while the other sat idle
+    figures = tower_figures(evaluator, toy, focus)
+    timings = None
+    if options.get("timings_tower") == tower:
+        specs = ["none"] + [f"{m}:{focus}" for m in methods if _usable(evaluator, f"{m}:{focus}")]
+        batch = min(8, len(evaluator.items))
+        printer(f"timing the answers at {focus} tokens: {len(specs)} settings, a batch of {batch}, "
+                f"{options['repeats']} interleaved rounds after a warm-up")
+        with torch.inference_mode():
+            timings = {"batch": batch, "rows": timing_rows(evaluator, specs, batch, options["repeats"])}
+    phase("figures' data" + (" and timings" if timings else ""))
+    printer("time: " + "; ".join(f"{name} {wall:.0f} s ({cpu:.0f} s of CPU)" for name, (wall, cpu) in phases.items()))
     return {"toy": toy, "vanilla": vanilla, "table": table, "reasons": reasons, "extra_rows": extra_rows,
-            "extra_scores": extra_scores, "dagger": dagger,
+            "extra_scores": extra_scores, "dagger": dagger, "questions": len(evaluator.items),
+            "num_patches": evaluator.num_patches, "figures": figures, "timings": timings,
             "seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began}
+
+
+def tower_figures(evaluator, toy, focus: int) -> dict:
+    """What the figures need of one tower: its [CLS] attention concentration per layer on the first 16
+    held-out images, and the patches that each pictured vision-side method keeps at ``focus`` tokens on
+    the first held-out image (plain values: this runs in the tower's process)."""
+    import torch
+
+    from llava.toy.clip import cls_attention_shares
+    from visionzip import get_method, registered_methods
+
+    model, processor = load_tower(toy)
+    shares = cls_attention_shares(model, held_out_pixels(evaluator, processor, 16))
+    methods = registered_methods()
+    pictured = [m for m in PICTURED_METHODS if m in methods and get_method(m).stage != "llm"]
+    image = evaluator.items[0].load_image()
+    pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+    panels = []
+    with torch.no_grad():
+        for method in pictured:
+            kept, merged = kept_positions(model, pixels, f"{method}:{focus}")
+            panels.append((f"{method}:{focus} ({len(kept)} kept, {len(merged)} merged)", kept, merged))
+    return {"shares": shares, "pictured": pictured, "panels": panels, "image": image.copy(),
+            "image_size": int(model.config.image_size),
+            "patches_per_side": int(model.config.image_size) // int(model.config.patch_size)}
 
 
 def _tower_process(tower: str, options: dict, connection) -> None:
@@ -507,23 +564,24 @@ def main(argv=None) -> int:
     focus = TIMING_TOKENS if TIMING_TOKENS in budgets else budgets[len(budgets) // 2]
     quiet_libraries()
 
-    import torch
-
     from llava.toy import majority_baseline
-    from llava.toy.clip import cls_attention_shares, shares_table
-    from llava.toy.evaluate import ToyEvaluator
+    from llava.toy.clip import shares_table
     from llava.toy.task import question_types
-    from visionzip import get_method, registered_methods
+    from visionzip import registered_methods
 
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     towers = ("clip", "random") if args.tower == "both" else (args.tower,)
+    timing_tower = "random" if "random" in towers else towers[0]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = min(len(towers), cores) if args.jobs is None else min(args.jobs, len(towers))
     options = {"output": str(output), "cache_dir": args.cache_dir, "questions": args.questions, "budgets": budgets,
                "focus": focus, "tune_steps": args.tune_steps, "batch_size": args.batch_size,
-               "reanswer": args.reanswer, "text_question": args.text_question}
+               "reanswer": args.reanswer, "text_question": args.text_question, "repeats": args.repeats,
+               # the timings run in the random tower's process, which has no contrastive pre-training and so
+               # finishes first (with one tower, in its own)
+               "timings_tower": timing_tower}
     from llava.toy import ToySettings
 
     for tower in towers:  # the settings' checks, before any process starts
@@ -537,19 +595,16 @@ def main(argv=None) -> int:
         f"on the {' and the '.join(TOWER_TITLES[t] for t in towers)}, and their answers: vanilla and "
         f"{len(methods)} methods ({', '.join(methods)}) at {', '.join(map(str, budgets))} tokens; {how} ==")
     results = run_tower_jobs(towers, options, jobs)
-    phase_seconds = time.perf_counter() - began
+    phase_seconds, phase_cpu = time.perf_counter() - began, time.process_time() - cpu_began
     toys = {tower: result["toy"] for tower, result in results.items()}
-    first = ToyEvaluator(toys[towers[0]], answers_folder(output, toys[towers[0]]), batch_size=args.batch_size)
+    num_questions = results[towers[0]]["questions"]
     majority = majority_baseline(str(toys[towers[0]].annotation_file))
-    say(f"held-out set: {len(first.items)} questions, an equal share each of "
+    say(f"held-out set: {num_questions} questions, an equal share each of "
         f"{', '.join(question_types(args.text_question))}; "
         f"majority-answer baseline {majority:.1f} %")
 
     say("\n== 2. [CLS] attention concentration per tower layer (VisionZip Fig. 2), on 16 held-out images ==")
-    concentration = []
-    for tower in towers:
-        model, processor = load_tower(toys[tower])
-        concentration.append((TOWER_TITLES[tower], cls_attention_shares(model, held_out_pixels(first, processor, 16))))
+    concentration = [(TOWER_TITLES[tower], results[tower]["figures"]["shares"]) for tower in towers]
     shares = shares_table(concentration)
     atomic_write_text(output / "cls_attention.md", shares)
     say(shares + f"figure: {plot_concentration(concentration, output / 'cls_attention.png')}")
@@ -560,7 +615,7 @@ def main(argv=None) -> int:
         result = results[tower]
         markdown += (f"\n### {TOWER_TITLES[tower]}\n\n"
                      + markdown_table(result["vanilla"], result["table"], result["reasons"], majority,
-                                      len(first.items), budgets, result["extra_rows"])
+                                      num_questions, budgets, result["extra_rows"])
                      + "\nPer question type:\n\n"
                      + by_type_table(result["vanilla"], result["table"], focus, result["extra_scores"]))
         groups.append((TOWER_TITLES[tower], result["vanilla"], result["table"], result["dagger"]))
@@ -569,47 +624,39 @@ def main(argv=None) -> int:
     say(markdown)
     say(f"table: {output / 'accuracy_vs_tokens.md'}; plot: {plot}")
 
-    pictured = [m for m in PICTURED_METHODS if m in methods and get_method(m).stage != "llm"]
+    figures = {tower: results[tower]["figures"] for tower in towers}
+    pictured = figures[towers[0]]["pictured"]
     missing = [m for m in PICTURED_METHODS if m not in pictured]
     say(f"\n== 4. The visual tokens {', '.join(pictured)} keep at {focus} on a held-out image, per tower ==")
     if missing:
         say(f"  ({', '.join(missing)}: not a registered vision-side method here, so not pictured)")
-    image, rows = first.items[0].load_image(), []
-    for tower in towers:
-        model, processor = load_tower(toys[tower])
-        pixels = processor(images=image, return_tensors="pt")["pixel_values"]
-        panels = []
-        with torch.no_grad():
-            for method in pictured:
-                kept, merged = kept_positions(model, pixels, f"{method}:{focus}")
-                panels.append((f"{method}:{focus} ({len(kept)} kept, {len(merged)} merged)", kept, merged))
-        rows.append((tower, panels))
-    side = int(model.config.image_size) // int(model.config.patch_size)
-    picture = plot_kept_tokens(image.resize((int(model.config.image_size),) * 2), rows, side, focus, output / "kept_tokens.png")
+    shown = figures[towers[0]]
+    picture = plot_kept_tokens(shown["image"].resize((shown["image_size"],) * 2),
+                               [(tower, figures[tower]["panels"]) for tower in towers],
+                               shown["patches_per_side"], focus, output / "kept_tokens.png")
     say(f"figure: {picture}")
 
-    evaluator = first
-    specs = ["none"] + [f"{m}:{focus}" for m in methods if _usable(evaluator, f"{m}:{focus}")]
-    batch = min(8, len(evaluator.items))
-    say(f"\n== 5. Answering time at {focus} visual tokens ({TOWER_TITLES[towers[0]]}): a batch of {batch} "
-        f"questions, median of {args.repeats} interleaved rounds after a warm-up (range in brackets) ==")
-    with torch.inference_mode():
-        timings = timing_rows(evaluator, specs, batch, args.repeats)
+    timed = results[timing_tower]
+    batch, timings = timed["timings"]["batch"], timed["timings"]["rows"]
+    say(f"\n== 5. Answering time at {focus} visual tokens ({TOWER_TITLES[timing_tower]}; a method computes the "
+        f"same on either tower): a batch of {batch} questions, median of {args.repeats} interleaved rounds after "
+        "a warm-up (range in brackets) ==")
     base = timings[0][1].median
     say(f"{'setting':<16} {'per batch':>10} {'range':>17} {'per question':>13} {'vs vanilla':>11}")
     for spec, m in timings:
-        label = f"vanilla ({evaluator.num_patches})" if spec == "none" else spec
+        label = f"vanilla ({timed['num_patches']})" if spec == "none" else spec
         say(f"{label:<16} {m.median * 1e3:>8.0f}ms [{min(m.times) * 1e3:>6.0f}-{max(m.times) * 1e3:>6.0f}ms] "
             f"{m.median / batch * 1e3:>11.1f}ms {base / m.median:>10.2f}x")
 
     say("\n== Ask the toy model yourself: it was trained on each question followed by LLaVA-1.5's short-answer "
         "hint, so give it that prompt, as here ==")
     say(run_llava_command(toys[towers[0]]))
-    total = time.perf_counter() - began
+    total, total_cpu = time.perf_counter() - began, time.process_time() - cpu_began
     per_tower = "; ".join(f"{TOWER_TAGS[t][1:-1]} {results[t]['seconds']:.0f} s ({results[t]['cpu_seconds']:.0f} s of CPU)"
                           for t in towers)
-    say(f"\nmain job finished in {total:.0f} s: models and answers {phase_seconds:.0f} s ({per_tower}), "
-        f"figures and timings {total - phase_seconds:.0f} s")
+    say(f"\nmain job finished in {total:.0f} s: models, answers, figures' data and timings {phase_seconds:.0f} s "
+        f"({per_tower}), tables and figures {total - phase_seconds:.0f} s ({total_cpu - phase_cpu:.0f} s of CPU); "
+        f"this process {total_cpu:.0f} s of CPU")
     return 0
 
 

@@ -260,11 +260,19 @@ def question_types(words: bool = False) -> tuple[str, ...]:
     return (*QUESTION_TYPES, "text") if words else QUESTION_TYPES
 
 
+def scene_pixels(scenes: list[Scene]) -> np.ndarray:
+    """(B, S, S, 3) uint8: the scenes' pixels, drawn now."""
+    return np.stack([np.asarray(scene.image()) for scene in scenes])
+
+
 def save_image(image: Image.Image, path: str) -> None:
     """A PNG written whole or not at all (a run killed while drawing left a truncated PNG that the next
     training read as a bad sample)."""
     with atomic_write(path) as temporary:
-        image.save(temporary, format="PNG")
+        # stored without deflate: the same pixels, 1.5x the bytes (330 KB for 336 px), but written 2.7x and
+        # read 3.4x faster (4 / 0.6 ms against 11 / 2 ms at PIL's default level): a toy model's training
+        # reads each training scene about 5 times (stage 2's 4 epochs, stage 1, VisionZip‡)
+        image.save(temporary, format="PNG", compress_level=0)
 
 
 def _check_count(name: str, value: int) -> None:
