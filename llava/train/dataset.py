@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import ImageLoadError, load_image, processor_crop_size
 from llava.processor import LlavaProcessor, image_token_text
 
+from .fast_pixels import ElementwisePixels
 from .preprocess import (
     SampleError,
     TokenizedConversation,
@@ -40,6 +42,9 @@ logger = logging.getLogger(__name__)
 LISTED_PROBLEMS = 10
 # Consecutive unlearnable samples after which skipping stops: the cause is then not the data but the setup.
 MAX_CONSECUTIVE_SKIPS = 64
+# Conversations whose token ids a dataset remembers (the most recently used): about 70 bytes per token,
+# some 20 MB for 1024 conversations of LLaVA-1.5's typical 300 tokens.
+TOKENIZATION_MEMO = 1024
 # check_image_decode="auto" decodes every image before training for datasets of at most this many images.
 DECODE_CHECK_LIMIT = 2000
 DECODE_CHECK_CHOICES = ("auto", "yes", "no")
@@ -211,6 +216,7 @@ class LazySupervisedDataset(Dataset):
             raise ValueError(f"bad_sample_policy must be 'skip' or 'error', got {bad_sample_policy!r}")
         self.bad_sample_policy = bad_sample_policy
         self.check_tokenization = check_tokenization
+        self._tokenized: OrderedDict[tuple, TokenizedConversation] = OrderedDict()
         self.records = load_records(data_path) if records is None else records
         validate_records(
             data_path, self.records, image_folder=image_folder,
@@ -221,6 +227,12 @@ class LazySupervisedDataset(Dataset):
         self.modality_lengths = [
             word_count(r) + visual_tokens_per_image if "image" in r else -word_count(r) for r in self.records
         ]
+        # [VisionZip-LLaVA] images already of the processor's output size take a lookup table that gives the
+        # processor's pixels bit for bit (llava.train.fast_pixels); "anyres" always crops, so never does
+        aspect = getattr(processor.model_config, "image_aspect_ratio", None)
+        self.fast_pixels = (
+            ElementwisePixels.probe(processor.image_processor) if self.is_multimodal and aspect != "anyres" else None
+        )
 
     def image_path(self, record: dict) -> str:
         return image_path_of(record, self.image_folder)
@@ -248,9 +260,22 @@ class LazySupervisedDataset(Dataset):
         turns = place_image_token(
             conversation_turns(record["conversations"], name), "image" in record, name, self.processor.image_token
         )
-        return tokenize_conversation(
-            turns, self.processor.template, self.processor.tokenizer, name, check_tokenization=self.check_tokenization
-        )
+        # [VisionZip-LLaVA] a conversation met again (a later epoch, a repeated question) takes its ids from
+        # a bounded memo instead of the tokenizer: the same ids (same tokenizer, template and checks);
+        # failures are not remembered, so a bad sample raises each time with its own name
+        key = (self.check_tokenization, tuple(turns))
+        known = self._tokenized.get(key)
+        if known is None:
+            known = tokenize_conversation(
+                turns, self.processor.template, self.processor.tokenizer, name,
+                check_tokenization=self.check_tokenization,
+            )
+            self._tokenized[key] = known
+            if len(self._tokenized) > TOKENIZATION_MEMO:
+                self._tokenized.popitem(last=False)
+        else:
+            self._tokenized.move_to_end(key)
+        return TokenizedConversation(list(known.input_ids), list(known.labels), known.prompt)
 
     def build_example(self, index: int) -> dict:
         record = self.records[index]
@@ -292,7 +317,11 @@ class LazySupervisedDataset(Dataset):
             # every decoding failure is an ImageLoadError (bombs, odd modes, and geometries whose padding or
             # resize would not fit in memory: llava.mm_utils.check_image_geometry), so is a bad sample
             image = load_image(path)
-            pixels = self.processor.image_pixels([image])
+            fast = self.fast_pixels(image) if self.fast_pixels is not None else None
+            if fast is not None:
+                pixels = [fast.to(self.processor.device, dtype=self.processor.dtype)]
+            else:
+                pixels = self.processor.image_pixels([image])
         except ImageLoadError as err:
             raise UnlearnableSample(name, f"{path}: {err}" if path not in str(err) else str(err),
                                     "image_unreadable") from err
