@@ -6,10 +6,35 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
-bash "$ROOT/scripts/setup_env.sh"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+# Bytecode caches are written (Python's default), even where PYTHONDONTWRITEBYTECODE is set: uv installs
+# .venv-vllm and .venv-lmms without .pyc files, so without it every vLLM / lmms-eval process compiles what it
+# imports again (vLLM: 22 CPU-s per process instead of 11; the serving tests start three such processes).
+unset PYTHONDONTWRITEBYTECODE
 cd "$ROOT"
+# The vLLM serving tests (tests/serving/: vLLM's CPU engine in .venv-vllm, docs/serving.md) run beside the main
+# suite: their environment is set up in the background (about a minute with uv) from the start, as it does not
+# depend on .venv (setup_env.sh's pip keeps one core busy, uv takes the other), and the tests start in one more
+# pytest process once both environments are ready. A failed setup fails the run (its log is printed), it is not
+# a skip. They run with the full suite (no arguments); SERVING_TESTS=1 runs them with arguments too,
+# SERVING_TESTS=0 never.
+serving="${SERVING_TESTS:-$([ $# -eq 0 ] && echo 1 || echo 0)}"
+if [ "$serving" = 1 ]; then
+  serving_dir="$(mktemp -d)"
+  (
+    if ! bash "$ROOT/scripts/setup_vllm_env.sh" > "$serving_dir/setup.log" 2>&1; then
+      echo setup > "$serving_dir/failed"; exit 1
+    fi
+    # the tests run in .venv: wait for setup_env.sh below (or for this script's end, where that failed)
+    until [ -f "$serving_dir/venv-ready" ]; do kill -0 $$ 2>/dev/null || exit 1; sleep 1; done
+    OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -p no:cacheprovider --basetemp "$serving_dir/tmp" tests/serving \
+      > "$serving_dir/tests.log" 2>&1 || { echo tests > "$serving_dir/failed"; exit 1; }
+  ) &
+  serving_pid=$!
+fi
+bash "$ROOT/scripts/setup_env.sh"
+if [ "$serving" = 1 ]; then touch "$serving_dir/venv-ready"; fi
 # lmms-eval lives in its own venv (.venv-lmms; its pins clash with .venv); tests/test_lmms_eval_plugin.py
 # runs it. A failed setup does not stop the suite: that test then fails, naming the missing environment.
 # With the full suite (no arguments) the environment is set up in the background while the suite runs and the
@@ -28,22 +53,6 @@ if [ $# -eq 0 ]; then
   main_args=(--ignore tests/test_lmms_eval_plugin.py)
 else
   bash "$ROOT/scripts/setup_lmms_env.sh" || echo "[test] lmms-eval environment setup failed (see above)" >&2
-fi
-# The vLLM serving tests (tests/serving/: vLLM's CPU engine in .venv-vllm, docs/serving.md) run beside the main
-# suite: their environment is set up in the background (about a minute with uv) and the tests start when it is ready,
-# in one more pytest process. A failed setup fails the run (its log is printed), it is not a skip. They run with
-# the full suite (no arguments); SERVING_TESTS=1 runs them with arguments too, SERVING_TESTS=0 never.
-serving="${SERVING_TESTS:-$([ $# -eq 0 ] && echo 1 || echo 0)}"
-if [ "$serving" = 1 ]; then
-  serving_dir="$(mktemp -d)"
-  (
-    if ! bash "$ROOT/scripts/setup_vllm_env.sh" > "$serving_dir/setup.log" 2>&1; then
-      echo setup > "$serving_dir/failed"; exit 1
-    fi
-    OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -p no:cacheprovider --basetemp "$serving_dir/tmp" tests/serving \
-      > "$serving_dir/tests.log" 2>&1 || { echo tests > "$serving_dir/failed"; exit 1; }
-  ) &
-  serving_pid=$!
 fi
 status=0
 "$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "${main_args[@]}" "$@" || status=$?
