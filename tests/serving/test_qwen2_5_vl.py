@@ -29,7 +29,6 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-VLLM_VENV = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
 ARCHITECTURE = "VisionZipQwen2_5_VLForConditionalGeneration"
 SPEC, BUDGET = "visionzip:dominant=5,contextual=2", 7
 PROMPTS = (
@@ -133,14 +132,6 @@ def main():
 if __name__ == "__main__":
     main()
 """
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    python = VLLM_VENV / "bin" / "python"
-    if not python.is_file():
-        pytest.fail(f"the vLLM environment {VLLM_VENV} is missing: run `bash scripts/setup_vllm_env.sh`")
-    return python
 
 
 def tiny_processor():

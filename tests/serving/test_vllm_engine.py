@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-VLLM_VENV = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
 ARCHITECTURE = "VisionZipLlavaForConditionalGeneration"
 NEXT_ARCHITECTURE = "VisionZipLlavaNextForConditionalGeneration"
 # LLaVA-NeXT: one engine; the budget is per view (base view + each crop of the anyres grid)
@@ -94,17 +93,6 @@ if __name__ == "__main__":
 
 
 # ----- the engine (.venv-vllm) ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    python = VLLM_VENV / "bin" / "python"
-    if not python.is_file():
-        pytest.fail(
-            f"the vLLM environment {VLLM_VENV} is missing: run `bash scripts/setup_vllm_env.sh` (the README's "
-            "test command does it before the tests)"
-        )
-    return python
-
-
 @pytest.fixture(scope="module")
 def llava_hf(official_checkpoints) -> Path:
     from llava.convert.core import to_hf
