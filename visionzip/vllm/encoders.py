@@ -6,12 +6,16 @@ vLLM's CLIP has the Hugging Face module names (``vision_model.embeddings``, ``pr
 - the attention projects q, k and v with one fused ``qkv_proj`` (a ``QKVParallelLinear``, returning
   ``(output, bias)``), and a layer's ``forward`` takes only the hidden states;
 - vLLM builds the tower only up to LLaVA's feature layer (``vision_feature_layer=-2``: 23 of 24 layers), so
-  the layer count that LLaVA's ``select_layer`` refers to is the config's, not ``len(layers)``.
+  the layer count that LLaVA's ``select_layer`` refers to is the config's, not ``len(layers)``. With a
+  compression method the plugin's model classes build it to the config's depth (``visionzip.vllm.llava.
+  full_depth_tower``), so that a method scoring the last layer (PruMerge) finds it loaded.
 
-``VllmCLIPEncoderAdapter`` hides both, so the methods' own code (``settings.encode``) runs on vLLM's tower:
-the tower runs up to the scored layer with vLLM's attention, and the scores come from that layer's q and k
-(``queries_keys``), never from an attention map of the tower. ``encode_on_tower`` / ``check_on_tower`` run a
-method's ``encode`` / ``check`` there for the plugin's model classes. Pure torch: nothing here imports vLLM
+``VllmCLIPEncoderAdapter`` hides both (its ``layers`` are views of vLLM's layers whose ``self_attn`` also has
+the Hugging Face ``q_proj`` / ``k_proj``, the q and k thirds of ``qkv_proj``), so the methods' own code
+(``settings.encode``) runs on vLLM's tower: the tower runs up to the scored layer with vLLM's attention, and
+the scores come from that layer's q and k (``queries_keys``), never from an attention map of the tower.
+``encode_on_tower`` / ``check_on_tower`` run a method's ``encode`` / ``check`` there for the plugin's model
+classes. Pure torch: nothing here imports vLLM
 except the tensor-parallel gather, which runs only where the tower's heads are split across ranks.
 
 Qwen2.5-VL (``qwen_tower_pass``): vLLM's ``Qwen2_5_VisionTransformer`` runs all images of an encoder batch as
@@ -32,6 +36,55 @@ from ..hf.qwen2_5_vl import Qwen2_5_VLUnits
 from ..methods import CompressedTokens, CompressionMethod
 
 
+def _queries_keys_full_width(attn, attn_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k (B, N, C), all heads side by side in head order, of vLLM's ``CLIPAttention`` ``attn``: the q and
+    k thirds of its fused ``qkv_proj`` (with their biases, unscaled: what Hugging Face's ``q_proj`` / ``k_proj``
+    return)."""
+    qkv, _ = attn.qkv_proj(attn_input)
+    q, k, _ = qkv.chunk(3, dim=-1)
+    if getattr(attn, "tp_size", 1) > 1:
+        # [VisionZip-LLaVA] under tensor parallelism each rank holds its heads' q and k; the scores
+        # average over all heads, so gather them (rank order = head order). Run on the CPU backend with 2
+        # ranks: scripts/check_vllm_tensor_parallel.py, docs/serving.md "Tensor parallelism".
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        q = tensor_model_parallel_all_gather(q.contiguous(), dim=-1)
+        k = tensor_model_parallel_all_gather(k.contiguous(), dim=-1)
+    return q, k
+
+
+class _VllmAttentionView:
+    """vLLM's ``CLIPAttention`` with the Hugging Face projections a method may call (``q_proj`` / ``k_proj``:
+    PruMerge's full-width CLS attention); every other attribute is the module's own."""
+
+    def __init__(self, attn: torch.nn.Module):
+        self.attn = attn
+
+    def __getattr__(self, name: str):
+        return getattr(self.attn, name)
+
+    def q_proj(self, attn_input: torch.Tensor) -> torch.Tensor:
+        return _queries_keys_full_width(self.attn, attn_input)[0]
+
+    def k_proj(self, attn_input: torch.Tensor) -> torch.Tensor:
+        return _queries_keys_full_width(self.attn, attn_input)[1]
+
+
+class _VllmLayerView:
+    """One of vLLM's ``CLIPEncoderLayer``: called, hooked and read as the module itself, except ``self_attn``
+    (``_VllmAttentionView``)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer = layer
+        self.self_attn = _VllmAttentionView(layer.self_attn)
+
+    def __getattr__(self, name: str):
+        return getattr(self.layer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.layer(*args, **kwargs)
+
+
 class VllmCLIPEncoderAdapter(CLIPEncoderAdapter):
     """``VisionEncoderAdapter`` over vLLM's ``CLIPVisionModel`` (with or without its ``vision_model`` wrapper)."""
 
@@ -40,7 +93,7 @@ class VllmCLIPEncoderAdapter(CLIPEncoderAdapter):
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.core = getattr(model, "vision_model", model)
-        self.layers = self.core.encoder.layers
+        self.layers = [_VllmLayerView(layer) for layer in self.core.encoder.layers]
         self.config = self.core.config  # vLLM's wrapper has no .config of its own
 
     @property
@@ -80,18 +133,9 @@ class VllmCLIPEncoderAdapter(CLIPEncoderAdapter):
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """q (B, H, Nq, d), k (B, H, N, d) and the scale of layer ``layer_index``, from its fused ``qkv_proj``
         (the q and k thirds; k with its bias, before scaling, as ``VisionEncoderAdapter.queries_keys``)."""
-        attn = self.layers[layer_index].self_attn
+        attn = self.layers[layer_index].self_attn.attn
         bsz, n, _ = attn_input.shape
-        qkv, _ = attn.qkv_proj(attn_input)
-        q, k, _ = qkv.chunk(3, dim=-1)
-        if getattr(attn, "tp_size", 1) > 1:
-            # [VisionZip-LLaVA] under tensor parallelism each rank holds its heads' q and k; the scores
-            # average over all heads, so gather them (rank order = head order). Run on the CPU backend with 2
-            # ranks: scripts/check_vllm_tensor_parallel.py, docs/serving.md "Tensor parallelism".
-            from vllm.distributed import tensor_model_parallel_all_gather
-
-            q = tensor_model_parallel_all_gather(q.contiguous(), dim=-1)
-            k = tensor_model_parallel_all_gather(k.contiguous(), dim=-1)
+        q, k = _queries_keys_full_width(attn, attn_input)
         heads, head_dim = attn.num_heads, attn.head_dim
         q = q.reshape(bsz, n, heads, head_dim).transpose(1, 2)
         if query_rows is not None:
@@ -104,7 +148,7 @@ def _unsupported(settings: CompressionMethod, err: Exception) -> ValueError:
     return ValueError(
         f"visual_compression={settings.spec()!r}: {settings.name} does not run on vLLM's CLIP tower "
         f"({type(err).__name__}: {err}); the vLLM plugin serves methods that work through the encoder adapter "
-        "(visionzip.vllm.encoders: the tower up to its feature layer, scores from that layer's q and k)"
+        "(visionzip.vllm.encoders: vLLM's tower layers, scores from a layer's q and k)"
     )
 
 
@@ -137,8 +181,8 @@ def encode_on_tower(settings: CompressionMethod, adapter: CLIPEncoderAdapter, pi
     try:
         compressed = settings.encode(adapter, pixel_values, feature_layer)
     except (AttributeError, TypeError, IndexError, NotImplementedError) as err:
-        # a method that reaches into module internals vLLM's tower does not have (or into its layers after
-        # the feature layer, which vLLM does not build); raised at startup by process_weights_after_loading
+        # a method that reaches into module internals vLLM's tower does not have; raised at startup by
+        # process_weights_after_loading
         raise _unsupported(settings, err) from err
     if compressed.tokens.shape[1] != per_view:
         raise ValueError(

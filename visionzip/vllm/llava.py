@@ -7,8 +7,9 @@ Two subclasses of vLLM's own LLaVA classes, no patching of vLLM:
   the KV cache, the scheduler and ``usage.prompt_tokens`` see the shorter sequence;
 - ``VisionZipLlavaForConditionalGeneration._process_image_pixels``: the image features are the method's
   ``encode`` on vLLM's CLIP tower (``VllmCLIPEncoderAdapter``: the tower runs to the scored layer, the scores
-  come from that layer's q and k), mapped by the projector: one (T, hidden) block per image, T = the count
-  above. The same method code as the Hugging Face path (``visionzip.hf.llava``).
+  come from that layer's q and k; with a method the tower is built to its full depth, ``full_depth_tower``),
+  mapped by the projector: one (T, hidden) block per image, T = the count above. The same method code as
+  the Hugging Face path (``visionzip.hf.llava``).
 
 The compression is the config's ``visual_compression`` (a spec ``METHOD:TOKENS`` / ``METHOD:key=value,...``
 or the dict ``apply_compression`` persists), given with ``--hf-overrides``; it is checked when the model is
@@ -21,12 +22,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from vllm.model_executor.models.clip import CLIPVisionModel
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
 )
+from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..config import CompressionConfig
@@ -76,6 +79,31 @@ def _nest_vision_model(weights: Iterable[tuple[str, torch.Tensor]]):
         yield name, tensor
 
 
+def full_depth_tower(model, vllm_config, prefix: str) -> None:
+    """[VisionZip-LLaVA] vLLM builds (and loads) a LLaVA's CLIP tower only up to its feature layer
+    (``vision_feature_layer=-2``: 23 of 24 layers), but a method may score a later layer (PruMerge: the last
+    layer's q and k), and the methods do not declare which layers they read. With a method configured, replace
+    the truncated tower, before any weight is loaded, by vLLM's own ``CLIPVisionModel`` built to the config's
+    depth: vLLM's weight loader then loads the remaining layers too. The adapter still runs only up to the
+    layer a method selects (the features stay the feature layer's); the cost is the weights of the layers after
+    the feature layer (one ViT-L/14 layer: 12.6 M parameters). Built in ``_mark_tower_model``, as vLLM builds
+    its tower (tower offloading), keeping vLLM's list of the tower's modules as it was."""
+    vision = vllm_config.model_config.hf_config.vision_config
+    tower = model.vision_tower
+    if not isinstance(tower, CLIPVisionModel) or len(tower.vision_model.encoder.layers) >= vision.num_hidden_layers:
+        return  # no image tower in this engine (image limit 0), or already complete
+    tower_modules = list(model._tower_model_names)
+    with model._mark_tower_model(vllm_config, "image"):
+        model.vision_tower = CLIPVisionModel(
+            vision,
+            quant_config=vllm_config.quant_config,
+            num_hidden_layers_override=vision.num_hidden_layers,
+            require_post_norm=False,  # as vLLM's LLaVA: the features are a hidden layer's, never normed
+            prefix=maybe_prefix(prefix, "vision_tower"),
+        )
+    model._tower_model_names = tower_modules
+
+
 def tower_tokens(hf_config) -> int:
     """Tokens of the CLIP tower's sequence for one image: patches + CLS."""
     vision = hf_config.vision_config
@@ -103,6 +131,8 @@ class VisionZipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         config = vllm_config.model_config.hf_config
         settings = compression_settings(config)  # before any weight is allocated
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if settings is not None:
+            full_depth_tower(self, vllm_config, prefix)
         attach_compression(self, settings, config.vision_feature_layer)  # one image = one view
 
     def _process_image_pixels(self, inputs) -> torch.Tensor:

@@ -31,7 +31,13 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from ..hf.base import fixed_count
 from ..pipeline import CropGrid, ViewTokens, layout_images
 from .encoders import attach_compression, encode_on_tower
-from .llava import _nest_vision_model, compression_config, compression_settings, tower_tokens
+from .llava import (
+    _nest_vision_model,
+    compression_config,
+    compression_settings,
+    full_depth_tower,
+    tower_tokens,
+)
 
 
 def next_settings(hf_config):
@@ -76,6 +82,8 @@ class VisionZipLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
         config = vllm_config.model_config.hf_config
         settings = next_settings(config)  # before any weight is allocated
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if settings is not None:
+            full_depth_tower(self, vllm_config, prefix)
         attach_compression(self, settings, config.vision_feature_layer)
 
     def _process_image_input(self, image_input) -> torch.Tensor | list[torch.Tensor]:
