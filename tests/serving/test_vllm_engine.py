@@ -31,22 +31,21 @@ NEXT_REFUSED = {
     '{"method": "visionzip", "dominant": 24, "contextual": 8, "anyres_layout": "spatial"}': "anyres_layout='spatial'",
 }
 # spec -> tokens per image, one engine each (after the first, an engine starts in about 5 s)
-SPECS = {"visionzip:64": 64, "pooling:64": 64, "random:32": 32, "vispruner:32": 32, "prumerge+:32": 32}
+SPECS = {"visionzip:64": 64, "pooling:64": 64, "random:32": 32, "vispruner:32": 32, "prumerge+:32": 32, "tome:64": 64}
 # VisPruner's chain of argsorts over near-equal duplication scores flips its selection on this random-weight
 # checkpoint under 1e-6 pixel noise (5 of 5 draws, measured in .venv), so vLLM's kernels (a fused qkv_proj,
 # its own attention) legitimately pick other tokens: its count is checked, its tokens are not. random draws
 # view b of an encoder batch with seed + b (visionzip/methods/random_tokens.py), and vLLM batches the images of
 # concurrent requests: the subset depends on the batch position, so only its count is checked too.
-# prumerge+ scores the tower's last layer, past LLaVA's feature layer: vLLM's tower must be built to full depth
-TOKENS_EQUAL = ("visionzip:64", "pooling:64", "prumerge+:32")
-# refused at startup: in-LLM method, unknown method, a budget beyond the tower, an image-dependent count, methods
-# vLLM's tower cannot run
+# prumerge+ scores the tower's last layer, past LLaVA's feature layer: vLLM's tower must be built to full depth.
+# tome runs its own loop over vLLM's layers (the adapter's q/k/v/out_proj views of the fused qkv_proj)
+TOKENS_EQUAL = ("visionzip:64", "pooling:64", "prumerge+:32", "tome:64")
+# refused at startup: in-LLM method, unknown method, a budget beyond the tower, an image-dependent count
 REFUSED = {
     "fastv:64": "stage 'llm'",
     "nosuch:64": "unknown compression method 'nosuch'",
     "visionzip:999": "exceeds the 577 tokens",
     "prumerge:mode=adaptive": "image-dependent number of tokens",
-    "tome:64": "does not run on vLLM's CLIP tower",
 }
 PROMPTS = ("USER: <image>\nWhat is in the image? ASSISTANT:", "USER: <image>\nDescribe it. ASSISTANT:")
 MAX_TOKENS = 8

@@ -11,7 +11,8 @@ vLLM's CLIP has the Hugging Face module names (``vision_model.embeddings``, ``pr
   full_depth_tower``), so that a method scoring the last layer (PruMerge) finds it loaded.
 
 ``VllmCLIPEncoderAdapter`` hides both (its ``layers`` are views of vLLM's layers whose ``self_attn`` also has
-the Hugging Face ``q_proj`` / ``k_proj``, the q and k thirds of ``qkv_proj``), so the methods' own code
+the Hugging Face ``q_proj`` / ``k_proj`` / ``v_proj``, the thirds of ``qkv_proj``, and an ``out_proj`` returning
+a tensor: enough for a method's own layer loop, ToMe's), so the methods' own code
 (``settings.encode``) runs on vLLM's tower: the tower runs up to the scored layer with vLLM's attention, and
 the scores come from that layer's q and k (``queries_keys``), never from an attention map of the tower.
 ``encode_on_tower`` / ``check_on_tower`` run a method's ``encode`` / ``check`` there for the plugin's model
@@ -36,47 +37,87 @@ from ..hf.qwen2_5_vl import Qwen2_5_VLUnits
 from ..methods import CompressedTokens, CompressionMethod
 
 
-def _queries_keys_full_width(attn, attn_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k (B, N, C), all heads side by side in head order, of vLLM's ``CLIPAttention`` ``attn``: the q and
-    k thirds of its fused ``qkv_proj`` (with their biases, unscaled: what Hugging Face's ``q_proj`` / ``k_proj``
-    return)."""
+def _projections_full_width(attn, attn_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v (B, N, C), all heads side by side in head order, of vLLM's ``CLIPAttention`` ``attn``: the
+    thirds of its fused ``qkv_proj`` (with their biases, unscaled: what Hugging Face's ``q_proj`` / ``k_proj`` /
+    ``v_proj`` return)."""
     qkv, _ = attn.qkv_proj(attn_input)
-    q, k, _ = qkv.chunk(3, dim=-1)
+    q, k, v = qkv.chunk(3, dim=-1)
     if getattr(attn, "tp_size", 1) > 1:
-        # [VisionZip-LLaVA] under tensor parallelism each rank holds its heads' q and k; the scores
-        # average over all heads, so gather them (rank order = head order). Run on the CPU backend with 2
-        # ranks: scripts/check_vllm_tensor_parallel.py, docs/serving.md "Tensor parallelism".
+        # [VisionZip-LLaVA] under tensor parallelism each rank holds its heads' q, k and v; the methods see all
+        # heads (scores and ToMe's metric average over them, and every rank must make the same choice), so
+        # gather them (rank order = head order). Run on the CPU backend with 2 ranks:
+        # scripts/check_vllm_tensor_parallel.py, docs/serving.md "Tensor parallelism".
         from vllm.distributed import tensor_model_parallel_all_gather
 
-        q = tensor_model_parallel_all_gather(q.contiguous(), dim=-1)
-        k = tensor_model_parallel_all_gather(k.contiguous(), dim=-1)
+        q, k, v = (tensor_model_parallel_all_gather(part.contiguous(), dim=-1) for part in (q, k, v))
+    return q, k, v
+
+
+def _queries_keys_full_width(attn, attn_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of ``_projections_full_width``."""
+    q, k, _ = _projections_full_width(attn, attn_input)
     return q, k
 
 
 class _VllmAttentionView:
-    """vLLM's ``CLIPAttention`` with the Hugging Face projections a method may call (``q_proj`` / ``k_proj``:
-    PruMerge's full-width CLS attention); every other attribute is the module's own."""
+    """vLLM's ``CLIPAttention`` with the Hugging Face projections a method may call as plain linears (tensor
+    in, tensor out): ``q_proj`` / ``k_proj`` / ``v_proj`` (all heads: PruMerge's full-width CLS attention,
+    ToMe's own attention loop) and ``out_proj`` (all heads in); every other attribute is the module's own
+    (``num_heads`` / ``head_dim`` are vLLM's totals over all ranks, the width the projections return).
 
-    def __init__(self, attn: torch.nn.Module):
+    Under tensor parallelism every rank computes the attention of all heads (q, k, v gathered), so that a
+    method's choices (ToMe's merges) are the same on every rank; ``out_proj`` then takes this rank's heads'
+    slice back, the input vLLM's ``RowParallelLinear`` expects, and all-reduces as vLLM's own forward does."""
+
+    # one fused qkv_proj serves the q_proj / k_proj / v_proj calls of one input: the last (attention, input,
+    # q, k, v), shared by all views of a tower (bounded to one layer's projections)
+    _last: list
+
+    def __init__(self, attn: torch.nn.Module, last: list):
         self.attn = attn
+        self._last = last
 
     def __getattr__(self, name: str):
         return getattr(self.attn, name)
 
+    def _projections(self, attn_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._last and self._last[0] is self.attn and self._last[1] is attn_input:
+            return self._last[2]
+        qkv = _projections_full_width(self.attn, attn_input)
+        self._last[:] = [self.attn, attn_input, qkv]
+        return qkv
+
     def q_proj(self, attn_input: torch.Tensor) -> torch.Tensor:
-        return _queries_keys_full_width(self.attn, attn_input)[0]
+        return self._projections(attn_input)[0]
 
     def k_proj(self, attn_input: torch.Tensor) -> torch.Tensor:
-        return _queries_keys_full_width(self.attn, attn_input)[1]
+        return self._projections(attn_input)[1]
+
+    def v_proj(self, attn_input: torch.Tensor) -> torch.Tensor:
+        return self._projections(attn_input)[2]
+
+    def out_proj(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) attention output of all heads -> (B, N, C), through vLLM's ``out_proj`` (bias added)."""
+        self._last.clear()  # the layer's attention is done: release its projections
+        out_proj = self.attn.out_proj
+        if getattr(self.attn, "tp_size", 1) > 1:
+            # [VisionZip-LLaVA] RowParallelLinear takes this rank's heads (its input partition) and sums the
+            # ranks' partial products
+            width = out_proj.input_size_per_partition
+            attn_output = attn_output[..., out_proj.tp_rank * width:(out_proj.tp_rank + 1) * width]
+        out, _ = out_proj(attn_output.contiguous())
+        return out
 
 
 class _VllmLayerView:
-    """One of vLLM's ``CLIPEncoderLayer``: called, hooked and read as the module itself, except ``self_attn``
-    (``_VllmAttentionView``)."""
+    """One of vLLM's ``CLIPEncoderLayer``: called, hooked and read as the module itself (``layer_norm1``,
+    ``layer_norm2``, and ``mlp``, whose vLLM forward returns a tensor, reduced over ranks), except
+    ``self_attn`` (``_VllmAttentionView``)."""
 
-    def __init__(self, layer: torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, last: list):
         self.layer = layer
-        self.self_attn = _VllmAttentionView(layer.self_attn)
+        self.self_attn = _VllmAttentionView(layer.self_attn, last)
 
     def __getattr__(self, name: str):
         return getattr(self.layer, name)
@@ -93,7 +134,8 @@ class VllmCLIPEncoderAdapter(CLIPEncoderAdapter):
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.core = getattr(model, "vision_model", model)
-        self.layers = [_VllmLayerView(layer) for layer in self.core.encoder.layers]
+        last: list = []  # the projections cache the attention views share (_VllmAttentionView)
+        self.layers = [_VllmLayerView(layer, last) for layer in self.core.encoder.layers]
         self.config = self.core.config  # vLLM's wrapper has no .config of its own
 
     @property
