@@ -54,12 +54,6 @@ def _projections_full_width(attn, attn_input: torch.Tensor) -> tuple[torch.Tenso
     return q, k, v
 
 
-def _queries_keys_full_width(attn, attn_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k of ``_projections_full_width``."""
-    q, k, _ = _projections_full_width(attn, attn_input)
-    return q, k
-
-
 class _VllmAttentionView:
     """vLLM's ``CLIPAttention`` with the Hugging Face projections a method may call as plain linears (tensor
     in, tensor out): ``q_proj`` / ``k_proj`` / ``v_proj`` (all heads: PruMerge's full-width CLS attention,
@@ -177,7 +171,7 @@ class VllmCLIPEncoderAdapter(CLIPEncoderAdapter):
         (the q and k thirds; k with its bias, before scaling, as ``VisionEncoderAdapter.queries_keys``)."""
         attn = self.layers[layer_index].self_attn.attn
         bsz, n, _ = attn_input.shape
-        q, k = _queries_keys_full_width(attn, attn_input)
+        q, k, _ = _projections_full_width(attn, attn_input)
         heads, head_dim = attn.num_heads, attn.head_dim
         q = q.reshape(bsz, n, heads, head_dim).transpose(1, 2)
         if query_rows is not None:

@@ -104,6 +104,14 @@ def full_depth_tower(model, vllm_config, prefix: str) -> None:
     model._tower_model_names = tower_modules
 
 
+def set_up_compression(model, settings: CompressionMethod | None, vllm_config, prefix: str) -> None:
+    """After a vLLM LLaVA-family model's ``__init__`` (LLaVA-1.5, NeXT): with a method, the tower built to full
+    depth (``full_depth_tower``); then what its image path needs (``encoders.attach_compression``)."""
+    if settings is not None:
+        full_depth_tower(model, vllm_config, prefix)
+    attach_compression(model, settings, vllm_config.model_config.hf_config.vision_feature_layer)
+
+
 def tower_tokens(hf_config) -> int:
     """Tokens of the CLIP tower's sequence for one image: patches + CLS."""
     vision = hf_config.vision_config
@@ -131,9 +139,7 @@ class VisionZipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         config = vllm_config.model_config.hf_config
         settings = compression_settings(config)  # before any weight is allocated
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if settings is not None:
-            full_depth_tower(self, vllm_config, prefix)
-        attach_compression(self, settings, config.vision_feature_layer)  # one image = one view
+        set_up_compression(self, settings, vllm_config, prefix)  # one image = one view
 
     def _process_image_pixels(self, inputs) -> torch.Tensor:
         if self.compression is None:

@@ -30,12 +30,12 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..hf.base import fixed_count
 from ..pipeline import CropGrid, ViewTokens, layout_images
-from .encoders import attach_compression, encode_on_tower
+from .encoders import encode_on_tower
 from .llava import (
     _nest_vision_model,
     compression_config,
     compression_settings,
-    full_depth_tower,
+    set_up_compression,
     tower_tokens,
 )
 
@@ -82,9 +82,7 @@ class VisionZipLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
         config = vllm_config.model_config.hf_config
         settings = next_settings(config)  # before any weight is allocated
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if settings is not None:
-            full_depth_tower(self, vllm_config, prefix)
-        attach_compression(self, settings, config.vision_feature_layer)
+        set_up_compression(self, settings, vllm_config, prefix)
 
     def _process_image_input(self, image_input) -> torch.Tensor | list[torch.Tensor]:
         if self.compression is None or isinstance(image_input, LlavaNextImageEmbeddingInputs):
