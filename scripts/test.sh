@@ -15,7 +15,7 @@ unset PYTHONDONTWRITEBYTECODE
 cd "$ROOT"
 # The vLLM serving tests (tests/serving/: vLLM's CPU engine in .venv-vllm, docs/serving.md) run beside the main
 # suite: their environment is set up in the background (about a minute with uv) from the start, as it does not
-# depend on .venv (setup_env.sh's pip keeps one core busy, uv takes the other), and the tests start in one more
+# depend on .venv (both install with uv, from one package cache), and the tests start in one more
 # pytest process once both environments are ready. A failed setup fails the run (its log is printed), it is not
 # a skip. They run with the full suite (no arguments); SERVING_TESTS=1 runs them with arguments too,
 # SERVING_TESTS=0 never.
