@@ -56,6 +56,8 @@ def test_pope_script_vanilla_and_visionzip_then_report(tiny_v15, mini, tmp_path)
         "MODEL_PATH": str(tiny_v15), "EVAL_DIR": str(mini), "RESULTS_DIR": str(results),
         "DEVICE": "cpu", "BATCH_SIZE": "2", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        # the random tiny model never ends an answer: POPE's 128 new tokens would be most of this test's time
+        "MAX_NEW_TOKENS": "4",
     }
     # vanilla on two "GPUs" (two CPU shards run in parallel, then merged); VisionZip 64 on one
     run_script("scripts/v1_5/eval/pope.sh", "none", env={**env, "CUDA_VISIBLE_DEVICES": "0,1"})
@@ -78,6 +80,7 @@ def test_pope_script_vanilla_and_visionzip_then_report(tiny_v15, mini, tmp_path)
         generation = result["generation"]
         assert {k: generation["compression"][k] for k in spec} == spec
         assert generation["num_answered"] == 9 and generation["status"] == "complete"
+        assert generation["max_new_tokens"] == 4  # the script's MAX_NEW_TOKENS reached the generation
     vz = read_json(results / "llava-v1.5-tiny" / "visionzip" / "64" / "pope.json")["generation"]
     assert (vz["visual_tokens"], vz["budget_label"], vz["batch_size"]) == (64, "64", 2)
 

@@ -13,6 +13,8 @@
 #   RESULTS_DIR   scores, one json per benchmark (default $EVAL_DIR/results), read by llava.eval.report
 #   DEVICE DTYPE  auto (cuda + float16 when available, else cpu + float32) or explicit values
 #   BATCH_SIZE    questions per generate() call (default 1, LLaVA's setting; >1 left-pads)
+#   MAX_NEW_TOKENS  cap on the tokens generated per answer (default: the benchmark's own, 128 or 1024, as
+#                 LLaVA's scripts); a smaller cap is for quick checks of the pipeline, not for scores
 #   PYTHON        interpreter (default python)
 #   CUDA_VISIBLE_DEVICES  one generation shard per listed GPU, merged afterwards (as LLaVA's scripts)
 set -euo pipefail
@@ -66,7 +68,8 @@ generate_answers() {
             --num-chunks "$chunks" --chunk-idx "$idx" \
             --method "$METHOD" ${BUDGET_ARG:+--budget "$BUDGET_ARG"} --budget-family "$MODEL_FAMILY" \
             --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE" \
-            --temperature 0 ${CONV_MODE:+--conv-mode "$CONV_MODE"} "$@" &
+            --temperature 0 ${CONV_MODE:+--conv-mode "$CONV_MODE"} "$@" \
+            ${MAX_NEW_TOKENS:+--max-new-tokens "$MAX_NEW_TOKENS"} &
         pids+=($!)
     done
     local failed=0
