@@ -109,6 +109,23 @@ def resolve_tower_setting(key: str, path: str, kwargs: dict) -> None:
             kwargs[key] = resolve_vision_tower_path(tower, path)
 
 
+def right_padded_from_zero(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> bool:
+    """True when ``attention_mask`` (B, N) holds each row's tokens first and its padding after them, and
+    ``position_ids`` (None, or (B, N) / (1, N)) numbers those tokens 0, 1, ...: the batch then means the same
+    without the mask and with the default positions, for every token that is not padding."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return False
+    mask = attention_mask.bool()
+    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):  # a token after a pad: not right padding
+        return False
+    if position_ids is None:
+        return True
+    if position_ids.dim() != 2 or position_ids.shape[-1] != mask.shape[-1]:
+        return False
+    counting = torch.arange(mask.shape[-1], device=position_ids.device).expand_as(mask)
+    return bool((position_ids.expand_as(mask) == counting)[mask].all())
+
+
 class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
     """LLaMA causal LM with LLaVA's image input: ``forward(..., images, image_sizes)`` and
     ``generate(inputs, images=..., image_sizes=...)``; visual tokens compressed per ``config.visual_compression``.
@@ -189,6 +206,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
                 input_ids, inputs_embeds, attention_mask, position_ids, cache, labels, use_cache, visual_mask, pruner,
                 kwargs.get("logits_to_keep", 0),
             )
+        if labels is not None and self.training and not kwargs.get("logits_to_keep") and "shift_labels" not in kwargs:
+            return self._supervised_forward(
+                input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache, **kwargs
+            )
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -234,6 +255,57 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             kept_labels = labels.gather(1, out.kept_index).masked_fill(~out.kept_valid, IGNORE_INDEX)
             loss = self.loss_function(logits=logits, labels=kept_labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache if use_cache else None)
+
+    # Copied from transformers v5.25.0, models/llama/modeling_llama.py, LlamaForCausalLM.forward: the decoder,
+    # lm_head and loss_function, the lm_head and the loss on the supervised positions only
+    @copied_from("transformers.models.llama.modeling_llama.LlamaForCausalLM.forward", sha="94199f7a0fd577c2", version="5.25.0")
+    def _supervised_forward(
+        self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache, **kwargs
+    ) -> CausalLMOutputWithPast:
+        """``forward`` in training with labels: the same loss as transformers' (labels shifted left by one,
+        ``loss_function``'s sum / ``num_items_in_batch`` when the Trainer passes it, else the mean over the
+        supervised tokens), with ``lm_head`` and the cross-entropy run only where a shifted label is not
+        IGNORE_INDEX.
+
+        [VisionZip-LLaVA] the original LLaVA computes the logits of every position and lets the
+        cross-entropy ignore the unlabelled ones; in a LLaVA batch most positions are image and prompt
+        tokens, so that was most of lm_head's work (forward and backward) for nothing. The returned
+        ``logits`` are therefore those of the supervised positions only, (K, vocab) in row-major order of
+        (sample, position), not (B, N, vocab); a caller that needs every position's logits runs the model in
+        eval mode or without labels (generate and the evaluation do).
+
+        [VisionZip-LLaVA] a right-padded batch whose tokens sit at positions 0, 1, ... (LLaVA's training
+        batches) runs without its padding mask: causal attention already keeps every real token from the pads
+        after it, and no pad is scored, so the loss and the gradients are the same; SDPA then takes its causal
+        kernel instead of a masked one (on CPU about half the attention's time in a toy stage-2 step).
+        """
+        if cache is None and right_padded_from_zero(attention_mask, position_ids):  # a cache's past keeps its mask
+            attention_mask = position_ids = None
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        # the shift of transformers' ForCausalLMLoss: position n is scored on label n + 1
+        shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden_states.device)
+        supervised = shift_labels != IGNORE_INDEX
+        logits = self.lm_head(hidden_states[supervised])
+        loss = self.loss_function(
+            logits=logits, labels=None, vocab_size=self.config.vocab_size, shift_labels=shift_labels[supervised],
+            **kwargs,
+        )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
     def prompt_positions(self, input_ids, images=None, image_sizes=None, attention_mask=None, host_input_ids=None,
                          host_attention_mask=None) -> list[int]:
