@@ -30,12 +30,12 @@ CKPT = "llava-v1.5-tiny"
 
 # the paper budget (64 visual tokens) for every method (PDrop's and SparseVLM's stage layers scale to the
 # 4-layer LLM), and PDrop also with explicit per-stage settings through the script's settings argument
-# the random tiny model never ends an answer: POPE's own 128 new tokens per question were most of this test's
-# time (15 settings x 9 questions); the script's MAX_NEW_TOKENS (and the same argument in-process) caps them
-MAX_NEW_TOKENS = "4"
 BUDGETS = {
     "pdrop": "layers=1/2/3,ratios=0.5/0.25/0.111",
 }
+# the random tiny model never ends an answer: POPE's own 128 new tokens per question were most of this test's
+# time (15 settings x 9 questions); the script's MAX_NEW_TOKENS (and the same argument in-process) caps them
+MAX_NEW_TOKENS = "4"
 
 
 def scripted_methods(methods: list[str]) -> list[str]:
