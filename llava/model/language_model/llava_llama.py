@@ -204,7 +204,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         if (pruner is not None and visual_mask is not None) or self.get_model().pruned_prefix(cache) is not None:
             return self._pruned_forward(
                 input_ids, inputs_embeds, attention_mask, position_ids, cache, labels, use_cache, visual_mask, pruner,
-                kwargs.get("logits_to_keep", 0),
+                kwargs.get("logits_to_keep", 0), kwargs.get("num_items_in_batch"),
             )
         if labels is not None and self.training and not kwargs.get("logits_to_keep") and "shift_labels" not in kwargs:
             return self._supervised_forward(
@@ -235,7 +235,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
     @copied_from("transformers.models.llama.modeling_llama.LlamaForCausalLM.forward", sha="94199f7a0fd577c2", version="5.25.0")
     def _pruned_forward(
         self, input_ids, inputs_embeds, attention_mask, position_ids, cache, labels, use_cache, visual_mask, pruner,
-        logits_to_keep: int = 0,
+        logits_to_keep: int = 0, num_items_in_batch=None,
     ) -> CausalLMOutputWithPast:
         """``forward`` through ``LlavaLlamaModel.pruned_forward``: logits (and labels, for the loss) of the
         tokens left after the last drop, in order, left-padded (padding labelled IGNORE_INDEX);
@@ -253,7 +253,11 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         loss = None
         if labels is not None and hidden.shape[1] == out.kept_index.shape[1]:
             kept_labels = labels.gather(1, out.kept_index).masked_fill(~out.kept_valid, IGNORE_INDEX)
-            loss = self.loss_function(logits=logits, labels=kept_labels, vocab_size=self.config.vocab_size)
+            # num_items_in_batch (the Trainer's count of supervised tokens over the accumulated micro-batches):
+            # the Trainer then leaves the loss undivided by the accumulation steps, so a mean here would scale
+            # the gradients by them; pruning drops only unlabelled visual tokens, so the count still holds
+            loss = self.loss_function(logits=logits, labels=kept_labels, vocab_size=self.config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache if use_cache else None)
 
     # Copied from transformers v5.25.0, models/llama/modeling_llama.py, LlamaForCausalLM.forward: the decoder,
